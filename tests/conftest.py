@@ -1,14 +1,11 @@
-"""Shared test helpers: where the fixture files live."""
+"""Shared test set-up: 8 fake CPU devices and the location of the fixture files."""
+import os
 import pathlib
 
-import pytest
+# Multi-device code is tested on 8 fake CPU devices; this must happen before jax is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EDM_FIXTURES = FIXTURES / "edm"
 SFD_FIXTURES = FIXTURES / "sfd"
 EDM_NAMES = ["edm_ddpmpp_uncond", "ve_ncsnpp_uncond", "vp_ddpmpp_cond", "edm_adm_cond", "iddpm_adm_cond"]
-
-
-@pytest.fixture
-def edm_fixture_dir():
-    return EDM_FIXTURES
