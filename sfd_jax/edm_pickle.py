@@ -174,6 +174,9 @@ class _LegacyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
+        if module == "torch" and name.endswith("Storage"):
+            raise _Malformed(f"unsupported tensor storage type torch.{name} "
+                             f"(supported: {', '.join(STORAGE_DTYPES)})")
         raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid):
