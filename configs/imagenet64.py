@@ -1,0 +1,16 @@
+r"""SFD on EDM's class-conditional ImageNet 64x64 ADM teacher, NFE 2 (official settings).
+
+  python -m sfd_jax.main --config=configs/imagenet64.py \
+      --config.teacher=edm-imagenet-64x64-cond-adm.pkl --workdir=runs/imagenet64
+"""
+from configs import default
+
+
+def get_config():
+  """Official: DhariwalUNet at its default dropout 0.10; one-hot labels drawn uniformly."""
+  config = default.get_config()
+  config.dataset_name = 'imagenet64'
+  config.img_resolution = 64
+  config.label_dim = 1000
+  config.train.dropout = 0.10
+  return config
