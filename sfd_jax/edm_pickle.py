@@ -18,6 +18,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sfd_jax.torch_format import STORAGE_DTYPES, CorruptDataError, rebuild_tensor
+
 KNOWN_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 KNOWN_MODELS = ("SongUNet", "DhariwalUNet")
 
@@ -28,19 +30,8 @@ _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
-# torch storage classes → little-endian numpy dtype of their elements.
-STORAGE_DTYPES = {
-    "FloatStorage": np.dtype("<f4"),
-    "DoubleStorage": np.dtype("<f8"),
-    "HalfStorage": np.dtype("<f2"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
-}
+# Raised by the stand-ins when pickled data do not have the expected shape.
+_Malformed = CorruptDataError
 
 
 class EDMPickleError(ValueError):
@@ -115,22 +106,7 @@ def _reconstruct_persistent_obj(meta):
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
     del requires_grad, backward_hooks, metadata  # Training-time flags: irrelevant here.
-    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-        raise _Malformed("tensor storage is not a torch storage")
-    size, stride = tuple(size), tuple(stride)
-    if len(size) != len(stride) or any(not isinstance(v, int) or v < 0 for v in size + stride):
-        raise _Malformed(f"bad tensor geometry size={size} stride={stride}")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise _Malformed(f"bad tensor storage offset {storage_offset!r}")
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-        raise _Malformed(f"tensor of size {size} reads past its storage of {storage.size} elements")
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[storage_offset:], shape=size, strides=[s * item for s in stride], writeable=False)
-    return np.array(view, copy=True)
+    return rebuild_tensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -155,9 +131,6 @@ def _numpy_scalar(dtype, data=None):
         raise _Malformed("bad numpy scalar")
     return np.frombuffer(data, dtype)[0].item()
 
-
-class _Malformed(Exception):
-    """Raised by the stand-ins when pickled data do not have the expected shape."""
 
 
 # ----------------------------------------------------------------------------------------
