@@ -1,0 +1,105 @@
+"""Orbax training checkpoints of the SFD student, and `load_student` for sampling.
+
+A checkpoint (one step directory under `WORKDIR/checkpoints/`) holds the student's params
+and buffers, the optimizer state, and a JSON `meta` item: images seen, iteration, the base
+PRNG key, the network config and the settings sampling needs. The frozen teacher is never
+stored: it is reloaded from its own file. Orbax writes each step to a temporary directory and
+renames it when complete, so a run killed mid-write resumes from the last complete step.
+"""
+import os
+import pathlib
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+ITEMS = ('params', 'buffers', 'opt_state', 'meta')
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+  """Where a run's checkpoints live."""
+  return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+
+
+def make_manager(workdir, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """An Orbax CheckpointManager over `WORKDIR/checkpoints` (async saves, tmp dirs cleaned)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params, buffers, opt_state, meta: dict) -> None:
+  """Starts an (asynchronous) save of one training state; call `manager.wait_until_finished()`."""
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), buffers=ocp.args.StandardSave(buffers),
+      opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(manager: ocp.CheckpointManager, params, buffers, opt_state):
+  """Restores the latest complete checkpoint onto the structure/sharding of the given trees.
+
+  Args:
+    manager: from `make_manager`.
+    params, buffers, opt_state: templates (arrays or ShapeDtypeStructs with shardings).
+
+  Returns:
+    (params, buffers, opt_state, meta) or None when there is no complete checkpoint.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  out = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract(params)), buffers=ocp.args.StandardRestore(abstract(buffers)),
+      opt_state=ocp.args.StandardRestore(abstract(opt_state)), meta=ocp.args.JsonRestore()))
+  return out['params'], out['buffers'], out['opt_state'], out['meta']
+
+
+def _resolve(path) -> Tuple[pathlib.Path, int]:
+  """Workdir, checkpoints dir or step dir → (checkpoints dir, step)."""
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no such student checkpoint (give a workdir or a checkpoint step directory)')
+  if (path / 'meta').is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
+  root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / 'meta').is_dir()] if root.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f'{path}: no complete student checkpoint found')
+  return root, max(steps)
+
+
+def load_student(path):
+  """Loads a distilled student for sampling.
+
+  Args:
+    path: a training workdir, its `checkpoints/` directory, or one checkpoint step directory.
+
+  Returns:
+    (NetworkConfig, variables {'params', 'buffers'} as numpy arrays, settings dict with
+    num_steps, schedule_type, rho, afs, sigma_min, sigma_max, use_step_condition and
+    dataset_name).
+
+  Raises:
+    FileNotFoundError: one line naming the path when there is no complete checkpoint.
+  """
+  from sfd_jax.networks import NetworkConfig  # networks are only needed here, not for saving
+  root, step = _resolve(path)
+  manager = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+  out = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(), buffers=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  manager.close()
+  to_np = lambda tree: jax.tree.map(np.asarray, tree)
+  meta = out['meta']
+  variables = {'params': to_np(out['params']), 'buffers': to_np(out['buffers'] or {})}
+  settings = dict(meta['settings'], dataset_name=meta.get('dataset_name', ''))
+  return NetworkConfig.from_dict(meta['network']), variables, settings
+
+
+def export_student(path, out_path) -> None:
+  """Writes a student checkpoint as an EDM-named PyTorch state dict (`.pt`)."""
+  from sfd_jax import teacher  # the .pt writer lives with the importer
+  _, variables, _ = load_student(path)
+  teacher.export_state_dict(variables, out_path)
