@@ -1,0 +1,350 @@
+"""The demo report: how close few-step samplers and the SFD student get to the teacher's ODE.
+
+`write_demo_report` samples the same evaluation noise with the teacher's converged ODE
+solution (Heun, many steps), with training-free solvers at NFE 2..5 and with the SFD
+student, then writes `report.json`, `report.md` and `grid.png` to the workdir.
+Evaluation latents come from numpy's per-seed generators (EDM's convention of one
+generator per seed), a different generator family from the JAX key stream that
+distillation draws its training noise from, so no evaluation noise was ever trained on.
+"""
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sfd_jax import data
+from sfd_jax import fd
+from sfd_jax import networks
+from sfd_jax import schedules
+from sfd_jax import solvers
+
+# Training-free baselines: (row name, solver, extra solver kwargs). DPM-Solver++(3M) and
+# iPNDM are the strongest training-free few-step solvers in the SFD paper's tables.
+BASELINES = (
+    ('Euler', 'euler', {}),
+    ('iPNDM', 'ipndm', dict(max_order=4)),
+    ('DPM-Solver++(3M)', 'dpmpp', dict(max_order=3)),
+    ('Heun', 'heun', {}),
+)
+EVAL_SEED_START = 100_000  # first evaluation seed; seeds are numpy RandomState seeds
+GRID_COLUMNS = 12
+GRID_SCALE = 4             # pixels per image pixel in grid.png (8x8 digits are tiny)
+LABEL_WIDTH = 150
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """Size of the evaluation.
+
+  Attributes:
+    nfes: NFEs at which every method is evaluated.
+    num_samples: evaluation samples (seeds EVAL_SEED_START ...).
+    reference_steps: time points of the Heun reference solution.
+    check_steps: time points of a coarser Heun run whose distance to the reference is
+      reported as evidence that the reference has converged.
+    batch: samples per jitted sampler call.
+    grid_columns: seeds shown in grid.png.
+  """
+  nfes: tuple = (2, 3, 4, 5)
+  num_samples: int = 1000
+  reference_steps: int = 129
+  check_steps: int = 65
+  batch: int = 500
+  grid_columns: int = GRID_COLUMNS
+
+
+def eval_latents(num_samples, shape, seed_start=EVAL_SEED_START):
+  """Unit Gaussian latents `[num_samples, *shape]`, one numpy generator per seed."""
+  return np.stack([np.random.RandomState(seed_start + i).standard_normal(shape)
+                   for i in range(num_samples)]).astype(np.float32)
+
+
+def heun_nfe(num_steps, afs):
+  """Network calls of the Heun solver over `num_steps` points (2 per interval, minus AFS)."""
+  return 2 * (num_steps - 1) - int(afs)
+
+
+def baseline_num_steps(solver, nfe, afs):
+  """Time points that give `nfe` network calls, or None if the solver cannot hit that NFE."""
+  if solver == 'heun':
+    for num_steps in range(2, nfe + 3):
+      if heun_nfe(num_steps, afs) == nfe:
+        return num_steps
+    return None
+  num_steps = nfe + 1 + int(afs)
+  return num_steps
+
+
+def _batched(fn, latents, batch):
+  """Applies a jitted `fn` to `latents` in chunks of `batch` (last chunk padded)."""
+  outs = []
+  for start in range(0, len(latents), batch):
+    chunk = latents[start:start + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(np.asarray(fn(jnp.asarray(chunk)))[:batch - pad])
+  return np.concatenate(outs)
+
+
+def jit_denoiser(denoise_fn, variables, **kwargs):
+  """`denoise(x, sigma)` compiled once; the solvers around it run eagerly.
+
+  Few-step solvers are cheap elementwise arithmetic around the network, and `solvers.sample`
+  unrolls its loop, so jitting whole samplers would compile every (solver, NFE) pair and a
+  256-call reference. Compiling only the network keeps the demo's compile time to seconds.
+  """
+  fn = jax.jit(lambda v, x, sigma, kw: denoise_fn(v, x, sigma, **kw))
+  kwargs = {k: (None if v is None else jnp.asarray(v, jnp.float32)) for k, v in kwargs.items()}
+  return lambda x, sigma: fn(variables, x, jnp.asarray(sigma, jnp.float32), kwargs)
+
+
+def make_sampler(denoise, solver, num_steps, afs, schedule, **solver_kwargs):
+  """A `latents -> samples` function for one solver, schedule and step count.
+
+  Args:
+    denoise: `denoise(x, sigma)` (e.g. from `jit_denoiser`).
+    solver: solver name of `sfd_jax.solvers`.
+    num_steps: time points.
+    afs: analytical first step.
+    schedule: dict(sigma_min, sigma_max, schedule_type, rho).
+    **solver_kwargs: e.g. max_order.
+
+  Returns:
+    Function from unit latents `[B, H, W, C]` to samples.
+  """
+  t_steps = jnp.asarray(schedules.get_schedule(
+      num_steps, schedule['sigma_min'], schedule['sigma_max'],
+      schedule_type=schedule['schedule_type'], rho=schedule['rho']), jnp.float32)
+  return lambda z: solvers.sample(denoise, z, t_steps, solver, afs=afs, **solver_kwargs)
+
+
+def rmse(samples, reference):
+  """Root mean square difference over all pixels, in image units ([-1, 1] scale)."""
+  return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - reference) ** 2)))
+
+
+def to_uint8(images):
+  """EDM's export quantisation of NHWC [-1, 1] images."""
+  return np.clip(np.asarray(images) * 127.5 + 128, 0, 255).astype(np.uint8)
+
+
+def save_grid(path, rows, scale=GRID_SCALE):
+  """Writes a labelled grid: one row per (label, images `[C, H, W, 1]`), same columns everywhere."""
+  height, width = rows[0][1].shape[1] * scale, rows[0][1].shape[2] * scale
+  columns = rows[0][1].shape[0]
+  pad = 2
+  canvas = Image.new('L', (LABEL_WIDTH + columns * (width + pad), len(rows) * (height + pad)), 255)
+  draw = ImageDraw.Draw(canvas)
+  for r, (label, images) in enumerate(rows):
+    top = r * (height + pad)
+    draw.text((4, top + height // 2 - 5), label, fill=0)
+    for c, img in enumerate(to_uint8(images)[..., 0]):
+      tile = Image.fromarray(img, 'L').resize((width, height), Image.NEAREST)
+      canvas.paste(tile, (LABEL_WIDTH + c * (width + pad), top))
+  canvas.save(path)
+
+
+def _fmt(value, digits=4):
+  return '—' if value is None else f'{value:.{digits}f}'
+
+
+def render_markdown(report):
+  """The human-readable report.md from the report.json dictionary."""
+  nfes = report['options']['nfes']
+  lines = [
+      '# SFD demo report', '',
+      f"Machine: {report['machine']}; date: {report['date']}; "
+      f"{report['num_samples']} evaluation samples (numpy seeds {report['eval_seeds'][0]}.."
+      f"{report['eval_seeds'][1]}, never used in training).", '',
+      f"Reference: teacher ODE solved with Heun over {report['reference']['num_steps']} time points "
+      f"({report['reference']['nfe']} NFE); a {report['reference']['check_steps']}-point Heun run is "
+      f"{report['reference']['check_rmse']:.2e} RMSE away from it (converged).", '',
+      '## RMSE to the teacher\'s ODE solution from the same noise (lower is better)', '',
+      '| method | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
+      '|---|' + '---|' * len(nfes)]
+  fd_lines = ['| method | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |', '|---|' + '---|' * len(nfes)]
+  for name in report['method_order']:
+    cells = {r['nfe']: r for r in report['results'] if r['method'] == name}
+    lines.append(f'| {name} | ' + ' | '.join(_fmt(cells[n]['rmse'] if n in cells else None) for n in nfes) + ' |')
+    fd_lines.append(f'| {name} | ' + ' | '.join(_fmt(cells[n]['fd'] if n in cells else None, 2) for n in nfes)
+                    + ' |')
+  summary = report['summary']
+  lines += [
+      '', '## Fréchet distance to the digits data set (lower is better)', '',
+      f"Features: last hidden layer (64 units) of a small MLP classifier fitted on the same digits "
+      f"(held-out accuracy {report['feature_net']['heldout_accuracy']:.3f}). Inception features would "
+      'be a download and mean little on 8x8 digits; a classifier of the data itself is the standard '
+      'substitute (as FID uses a classifier of natural images). '
+      f"Teacher reference: {report['reference']['fd']:.2f}; real digits, "
+      f"{report['num_samples']} random images vs all: {report['data_fd']:.2f}.", ''] + fd_lines + [
+      '', '## Verdict (NFE 2)', '',
+      f"SFD student RMSE {summary['sfd_rmse']:.4f} vs best training-free solver "
+      f"{summary['best_baseline']} {summary['best_baseline_rmse']:.4f}: ratio "
+      f"{summary['ratio']:.3f} (target ≤ 0.5: {'met' if summary['ratio'] <= 0.5 else 'NOT met'}).", '',
+      '![grid](grid.png)', '',
+      'grid.png: top row the reference, then one row per method at NFE 2, same seeds in every column.', '',
+      f"Timings (s): {json.dumps(report['timings'])}"]
+  return '\n'.join(lines) + '\n'
+
+
+def _machine():
+  return f'{platform.machine()} {platform.processor() or ""}'.strip() + f', {os.cpu_count()} CPUs, jax ' \
+      f'{jax.__version__} on {jax.default_backend()}'
+
+
+def student_denoiser(student_config, student_variables, num_steps, use_step_condition):
+  """Student `denoise(x, sigma)` in eval mode (SFD-v students get num_steps as condition)."""
+  condition = float(num_steps) if use_step_condition else None
+  return jit_denoiser(networks.make_denoise(student_config), student_variables, step_condition=condition)
+
+
+def student_nfes(settings):
+  """NFEs the student can be sampled at: one for SFD, four (num_steps 4..7) for SFD-v."""
+  afs = bool(settings['afs'])
+  if settings.get('use_step_condition'):
+    steps = (4, 5, 6, 7)
+  else:
+    steps = (int(settings['num_steps']),)
+  return {n - 1 - int(afs): n for n in steps}
+
+
+def _teacher_parts(teacher):
+  """(config, denoise_fn, variables) of a `teacher.Teacher`, a `train.Models` or a path."""
+  if isinstance(teacher, (str, os.PathLike)):
+    from sfd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+    teacher = teacher_lib.load_teacher(os.fspath(teacher))
+  if hasattr(teacher, 'teacher_denoise'):  # train.Models: the student shares the teacher's shape
+    return teacher.student_config, teacher.teacher_denoise, teacher.teacher_variables
+  return teacher.config, teacher.denoise, teacher.params
+
+
+def _sampling_settings(settings):
+  """The student's sampling settings as a dict (from a DistillSettings or a mapping)."""
+  if hasattr(settings, 'sampling_settings'):
+    return settings.sampling_settings()
+  return dict(settings)
+
+
+DEFAULT_OPTIONS = EvalOptions()
+
+
+def write_demo_report(workdir, teacher, student_variables, settings, *, student_config=None,
+                      options=None, student_name=None, extra_timings=None):
+  """Evaluates teacher solvers and the student, writes report.json, report.md and grid.png.
+
+  Args:
+    workdir: output folder.
+    teacher: the frozen teacher: a `sfd_jax.teacher.Teacher`, a converted-teacher path, or
+      the `train.Models` that `train.train` returns (its `student_config` is then the
+      student's network config).
+    student_variables: the distilled student's {'params', 'buffers'}.
+    settings: the student's sampling settings: a `DistillSettings` or a dict with
+      num_steps, schedule_type, rho, afs, sigma_min, sigma_max, use_step_condition (as
+      stored with the student checkpoint).
+    student_config: the student's `NetworkConfig` (default: from `teacher` when it is a
+      `train.Models`, else the teacher's config with the step condition of `settings`).
+    options: `EvalOptions` (default `DEFAULT_OPTIONS`).
+    student_name: row name of the student (default 'SFD' or 'SFD-v').
+    extra_timings: seconds to record in the report (e.g. distillation time).
+
+  Returns:
+    The report dictionary (also written as report.json).
+  """
+  start = time.time()
+  options = options or DEFAULT_OPTIONS
+  os.makedirs(workdir, exist_ok=True)
+  settings = _sampling_settings(settings)
+  use_cond = bool(settings.get('use_step_condition', False))
+  cfg, teacher_fn, teacher_variables = _teacher_parts(teacher)
+  if student_config is None:
+    student_config = cfg if hasattr(teacher, 'teacher_denoise') else dataclasses.replace(
+        cfg, use_step_condition=use_cond)
+  student_name = student_name or ('SFD-v' if use_cond else 'SFD')
+  schedule = dict(sigma_min=float(settings['sigma_min']), sigma_max=float(settings['sigma_max']),
+                  schedule_type=settings['schedule_type'], rho=float(settings['rho']))
+  latents = eval_latents(options.num_samples, (cfg.img_resolution, cfg.img_resolution, cfg.img_channels))
+  teacher_denoise = jit_denoiser(teacher_fn, teacher_variables)
+  timings = dict(extra_timings or {})
+
+  t0 = time.time()
+  reference = _batched(make_sampler(teacher_denoise, 'heun', options.reference_steps, False, schedule),
+                       latents, options.batch)
+  check = _batched(make_sampler(teacher_denoise, 'heun', options.check_steps, False, schedule),
+                   latents, options.batch)
+  timings['reference'] = round(time.time() - t0, 1)
+
+  t0 = time.time()
+  feature_net = fd.fit_feature_net()
+  digits, _ = data.load_digits_images(cfg.img_resolution)
+  data_stats = fd.feature_stats(fd.features(feature_net, digits))
+  fd_of = lambda x: fd.frechet_distance(*fd.feature_stats(fd.features(feature_net, x)), *data_stats)
+  subset = np.random.RandomState(0).choice(len(digits), min(options.num_samples, len(digits)), replace=False)
+  timings['feature_net'] = round(time.time() - t0, 1)
+
+  results, samples_nfe2 = [], {}
+  method_order = []
+  t0 = time.time()
+  for label, solver, kwargs in BASELINES:
+    for afs in (False, True):
+      name = label + (' + AFS' if afs else '')
+      for nfe in options.nfes:
+        num_steps = baseline_num_steps(solver, nfe, afs)
+        if num_steps is None:
+          continue
+        out = _batched(make_sampler(teacher_denoise, solver, num_steps, afs, schedule, **kwargs),
+                       latents, options.batch)
+        results.append(dict(method=name, solver=solver, afs=afs, nfe=nfe, num_steps=num_steps,
+                            training_free=True, rmse=rmse(out, reference), fd=fd_of(out)))
+        if name not in method_order:
+          method_order.append(name)
+        if nfe == min(options.nfes):
+          samples_nfe2[name] = out[:options.grid_columns]
+  timings['baselines'] = round(time.time() - t0, 1)
+
+  t0 = time.time()
+  for nfe, num_steps in sorted(student_nfes(settings).items()):
+    denoise = student_denoiser(student_config, student_variables, num_steps, use_cond)
+    out = _batched(make_sampler(denoise, 'euler', num_steps, bool(settings['afs']), schedule),
+                   latents, options.batch)
+    results.append(dict(method=student_name, solver='euler', afs=bool(settings['afs']), nfe=nfe,
+                        num_steps=num_steps, training_free=False, rmse=rmse(out, reference), fd=fd_of(out)))
+    if nfe == min(options.nfes):
+      samples_nfe2[student_name] = out[:options.grid_columns]
+  method_order.append(student_name)
+  timings['student'] = round(time.time() - t0, 1)
+
+  nfe0 = min(options.nfes)
+  at_nfe0 = [r for r in results if r['nfe'] == nfe0]
+  best = min((r for r in at_nfe0 if r['training_free']), key=lambda r: r['rmse'])
+  student_row = next((r for r in at_nfe0 if not r['training_free']), None)
+  summary = dict(nfe=nfe0, best_baseline=best['method'], best_baseline_rmse=best['rmse'],
+                 sfd_rmse=student_row['rmse'] if student_row else None,
+                 ratio=student_row['rmse'] / best['rmse'] if student_row else None)
+  timings['report_total'] = round(time.time() - start, 1)
+  report = dict(
+      machine=_machine(), date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+      num_samples=options.num_samples,
+      eval_seeds=[EVAL_SEED_START, EVAL_SEED_START + options.num_samples - 1],
+      options=dataclasses.asdict(options), settings=settings, schedule=schedule,
+      reference=dict(solver='heun', num_steps=options.reference_steps,
+                     nfe=heun_nfe(options.reference_steps, False), check_steps=options.check_steps,
+                     check_rmse=rmse(check, reference), fd=fd_of(reference)),
+      feature_net=dict(hidden_sizes=list(fd.HIDDEN_SIZES), heldout_accuracy=feature_net.heldout_accuracy),
+      data_fd=fd_of(digits[subset]), method_order=method_order, results=results, summary=summary,
+      timings=timings)
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(render_markdown(report))
+  rows = [('Reference (Heun)', reference[:options.grid_columns])]
+  rows += [(name, samples_nfe2[name]) for name in method_order if name in samples_nfe2]
+  save_grid(os.path.join(workdir, 'grid.png'), rows)
+  return report
