@@ -70,7 +70,8 @@ def dynamic_threshold(x0, quantile=THRESHOLD_QUANTILE):
   """The official DPM-Solver++ dynamic thresholding of a batch of x0 predictions.
 
   Per sample, s = max(quantile of |x0| (linear interpolation, as torch.quantile), 1) and
-  x0 <- clip(x0, -s, s) / s. Samples with at most 0.5% of values beyond +-1 pass unchanged.
+  x0 <- clip(x0, -s, s) / s. Where at most 0.5% of a sample's values lie beyond +-1, s = 1:
+  those few values are clipped to +-1 and nothing is rescaled.
 
   Args:
     x0: `[batch, ...]` denoised predictions.
