@@ -355,3 +355,66 @@ def test_storage_dtypes_and_views(tmp_path):
     with pytest.raises(EDMPickleError) as err:
         edm_pickle.load_snapshot_objects(path)
     assert str(path) in _one_line(err) and "torch.ComplexFloatStorage" in str(err.value)
+
+
+def _persistent(class_name, state):
+    """Pickles like EDM's persistence: `_reconstruct_persistent_obj(meta)` (module_src unread)."""
+    meta = dict(type="class", version=6, module_src="raise SystemExit('never run')",
+                class_name=class_name, state=state)
+    return _Call(_fake_reconstruct, meta)
+
+
+def _fake_reconstruct(meta):
+    raise AssertionError("only pickled here, never called")
+
+
+_fake_reconstruct.__module__ = "torch_utils.persistence"
+_fake_reconstruct.__qualname__ = _fake_reconstruct.__name__ = "_reconstruct_persistent_obj"
+
+
+def _module_state(parameters=None, buffers=None, modules=None, non_persistent=(), **attributes):
+    return dict(training=False, _parameters=dict(parameters or {}), _buffers=dict(buffers or {}),
+                _non_persistent_buffers_set=set(non_persistent), _modules=dict(modules or {}), **attributes)
+
+
+def test_synthetic_snapshot_walk(tmp_path, monkeypatch):
+    """torch's state_dict rules on a hand-built snapshot: None entries and non-persistent
+    buffers skipped, ModuleDict children, positional args and numpy scalar kwargs."""
+    import types
+    package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    module._reconstruct_persistent_obj = _fake_reconstruct
+    monkeypatch.setitem(sys.modules, "torch_utils", package)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
+
+    g = torch.Generator().manual_seed(0)
+    conv = _persistent("Conv2d", _module_state(
+        parameters={"weight": torch.nn.Parameter(torch.randn(4, 2, 3, 3, generator=g), requires_grad=False),
+                    "bias": None},
+        buffers={"resample_filter": torch.ones(1, 1, 2, 2), "scratch": torch.zeros(5), "unset": None},
+        non_persistent=["scratch"]))
+    enc = torch.nn.ModuleDict()
+    enc.__dict__["_modules"] = {"16x16_conv": conv}
+    model = _persistent("SongUNet", _module_state(
+        parameters={"scale": torch.randn(3, generator=g)}, modules={"enc": enc, "gone": None},
+        _init_kwargs={"model_channels": 4}))
+    ema = _persistent("EDMPrecond", _module_state(
+        modules={"model": model}, sigma_data=np.float64(0.5),
+        _init_args=(16, 2), _init_kwargs={"label_dim": 0, "sigma_data": np.float64(0.25), "channel_mult": [1, 2]}))
+    loss = _persistent("EDMLoss", dict(P_mean=-1.2, _init_args=(), _init_kwargs={"P_std": np.float32(1.5)}))
+    path = tmp_path / "synthetic.pkl"
+    path.write_bytes(pickle.dumps({"ema": ema, "loss_fn": loss, "augment_pipe": None}, protocol=4))
+
+    snapshot = read_edm_snapshot(path)
+    assert snapshot.precond_class == "EDMPrecond"
+    assert snapshot.init_kwargs == {"img_resolution": 16, "img_channels": 2, "label_dim": 0,
+                                    "sigma_data": 0.25, "channel_mult": [1, 2]}
+    assert type(snapshot.init_kwargs["sigma_data"]) is float
+    assert snapshot.other["loss_fn"] == {"class_name": "EDMLoss", "init_kwargs": {"P_std": 1.5}}
+    assert snapshot.other["ema_attributes"] == {"sigma_data": 0.5}
+
+    with open(path, "rb") as f:
+        expected = _TorchModuleUnpickler(f).load()["ema"].state_dict()
+    assert list(snapshot.state_dict) == list(expected) == [
+        "model.scale", "model.enc.16x16_conv.weight", "model.enc.16x16_conv.resample_filter"]
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(snapshot.state_dict[key], tensor.numpy(), err_msg=key)

@@ -3,6 +3,7 @@ import collections
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import textwrap
@@ -88,6 +89,12 @@ def test_written_file_loads_in_torch(tmp_path):
             np.testing.assert_array_equal(got, expected, err_msg=key)
     with zipfile.ZipFile(path) as archive:
         assert {"archive/data.pkl", "archive/byteorder", "archive/version"} <= set(archive.namelist())
+        infos = archive.infolist()
+    # Tensor data start on 64-byte boundaries, as in torch's own files (read from the local headers).
+    raw = path.read_bytes()
+    for info in infos:
+        name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+        assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
 
 
 def test_reader_round_trip_and_torch_files(tmp_path):
