@@ -225,3 +225,25 @@ def test_student_settings_come_from_the_checkpoint():
   s = sample._student_settings(sample._flags().parse_args(["--student", "x", "--num_steps", "6"]),
                                dict(stored, use_step_condition=True))
   assert (s["num_steps"], s["step_condition"]) == (6, 6)
+
+
+def test_cli_student_end_to_end(tmp_path):
+  # A "student" checkpoint holding the fixture network, written with the training checkpoint
+  # helpers; sampling must use Euler + AFS on the stored schedule, with no sampler flags.
+  from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sfd_jax.teacher import load_teacher  # pylint: disable=g-import-not-at-top
+  teacher = load_teacher(PKL)
+  settings = dict(num_steps=3, schedule_type="polynomial", rho=7.0, afs=True, sigma_min=0.006, sigma_max=80.0,
+                  use_step_condition=False)
+  manager = checkpoint.make_manager(tmp_path / "run")
+  checkpoint.save(manager, 5, teacher.params["params"], teacher.params["buffers"], {"count": np.zeros((), np.int32)},
+                  dict(network=teacher.config.to_dict(), settings=settings, dataset_name="fixture"))
+  manager.wait_until_finished()
+  manager.close()
+  out_npz = tmp_path / "s.npz"
+  assert sample.main(["--student", str(tmp_path / "run"), "--seeds", "3,4", "--npz", str(out_npz),
+                      "--no-progress"]) == 0
+  den = lambda v, x, s, c: teacher.denoise(v, x, s, class_labels=c)
+  ref = sample.generate(den, (16, 16, 3), [3, 4], t_steps=schedules.get_schedule(3, 0.006, 80.0),
+                        solver="euler", afs=True, variables=teacher.params, batch_size=8)
+  np.testing.assert_array_equal(np.load(out_npz)["arr_0"], images.to_uint8(ref))
