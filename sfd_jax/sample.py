@@ -114,6 +114,8 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
   seeds = np.asarray(list(seeds), np.int64)
   if seeds.size == 0:
     raise ValueError('seeds: empty seed list')
+  if seeds.min() < 0 or seeds.max() > _MAX_SEED:
+    raise ValueError(f'seeds: need 0 <= seed <= {_MAX_SEED}, got {seeds.min()}..{seeds.max()}')
   solvers.validate_solver(solver, int(np.shape(t_steps)[0]), solver_opts.get('max_order'))
   if class_idx is not None and not 0 <= class_idx < num_classes:
     raise ValueError(f'class_idx: need 0 <= class < {num_classes} for this model, got {class_idx}')

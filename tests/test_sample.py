@@ -117,6 +117,7 @@ def test_fixed_class():
     (dict(solver="dpmpp", max_order=4), r"max_order: dpmpp needs 1\.\.3"),
     (dict(num_classes=10, class_idx=10), r"class_idx: need 0 <= class < 10"),
     (dict(seeds=[]), r"seeds: empty"),
+    (dict(seeds=[-1, 2]), r"seeds: need 0 <= seed"),
 ])
 def test_generate_errors_before_compiling(kw, match):
   calls = []
