@@ -68,11 +68,18 @@ def _time_uniform(num_steps, sigma_min, sigma_max, rho, dtype):
   return np.sqrt(np.exp(exponent.astype(np.float64)).astype(dtype) - one).astype(dtype)
 
 
-SCHEDULES = {
+class _Registry(dict):
+  """A name -> implementation dict whose KeyError lists the valid names."""
+
+  def __missing__(self, key):
+    raise KeyError(f'{key!r}: unknown schedule; valid: {sorted(self)}')
+
+
+SCHEDULES = _Registry({
     'polynomial': _polynomial,
     'logsnr': _logsnr,
     'time_uniform': _time_uniform,
-}
+})
 
 
 def validate_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rho=7.0):

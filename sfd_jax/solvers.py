@@ -241,14 +241,21 @@ def _dpmpp(denoise, x, t_steps, *, afs, max_order, predict_x0, lower_order_final
   return points
 
 
+class _Registry(dict):
+  """A name -> implementation dict whose KeyError lists the valid names."""
+
+  def __missing__(self, key):
+    raise KeyError(f'{key!r}: unknown solver; valid: {sorted(self)}')
+
+
 # name -> (solver, (lowest, highest, default) max_order or None when the solver has no order).
-SOLVERS = {
+SOLVERS = _Registry({
     'euler': (_euler, None),
     'heun': (_heun, None),
     'dpm': (_dpm2, None),
     'ipndm': (_ipndm, (1, 4, 4)),
     'dpmpp': (_dpmpp, (1, 3, 3)),
-}
+})
 
 
 def validate_solver(solver, num_steps, max_order=None):

@@ -106,3 +106,8 @@ def test_errors_are_one_line(kwargs, match):
   with pytest.raises(ValueError, match=match) as info:
     schedules.get_schedule(**args)
   assert "\n" not in str(info.value)
+
+
+def test_registry_key_error_lists_names():
+  with pytest.raises(KeyError, match=r"'cosine': unknown schedule; valid: \['logsnr', 'polynomial', 'time_uniform'\]"):
+    schedules.SCHEDULES["cosine"]  # pylint: disable=pointless-statement

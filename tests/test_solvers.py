@@ -421,3 +421,8 @@ def test_max_order_is_ignored_by_one_step_solvers():
   t = schedules.get_schedule(4, 0.002, 80.0)
   np.testing.assert_array_equal(solvers.sample(gaussian_denoise, z, t, "heun", max_order=7),
                                 solvers.sample(gaussian_denoise, z, t, "heun"))
+
+
+def test_registry_key_error_lists_names():
+  with pytest.raises(KeyError, match=r"'rk4': unknown solver; valid: \['dpm', 'dpmpp', 'euler', 'heun', 'ipndm'\]"):
+    solvers.SOLVERS["rk4"]  # pylint: disable=pointless-statement
