@@ -86,7 +86,7 @@ def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, 
 def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', variables=None,
                      batch_size=64, num_classes=0, class_idx=None, devices=None, progress=False,
                      **solver_opts):
-  """Samples the given seeds batch by batch; yields `(seeds, images, classes)` numpy arrays.
+  """Samples the given seeds batch by batch: an iterator of `(seeds, images, classes)`.
 
   Args:
     denoise_fn: `denoise_fn(variables, x, sigma, class_labels) -> D(x; sigma)`, x NHWC,
@@ -104,8 +104,9 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
     progress: show a tqdm progress bar.
     **solver_opts: `afs`, `max_order`, `predict_x0`, `lower_order_final`, `thresholding`.
 
-  Yields:
-    (seeds int64 `[n]`, images float32 `[n, H, W, C]` (unclipped), classes int64 `[n]` or None).
+  Returns:
+    An iterator of per-batch numpy tuples (seeds int64 `[n]`, images float32 `[n, H, W, C]`
+    (unclipped), classes int64 `[n]` or None); batches are sampled as it is consumed.
 
   Raises:
     ValueError: bad solver settings, class_idx out of range or an empty seed list, before
@@ -125,6 +126,11 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
   sampler = _make_sampler(denoise_fn, tuple(shape), jnp.asarray(t_steps), solver, solver_opts,
                           num_classes, class_idx, mesh)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  # Validation above runs at call time; only the sampling itself is lazy.
+  return _iterate(sampler, variables, seeds, batch_size, num_classes > 0, progress)
+
+
+def _iterate(sampler, variables, seeds, batch_size, conditional, progress):
   starts = range(0, len(seeds), batch_size)
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -134,7 +140,7 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
     padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])]).astype(np.int32)
     out, classes = sampler(variables, padded)
     yield (chunk, np.asarray(out)[:len(chunk)],
-           np.asarray(classes, np.int64)[:len(chunk)] if num_classes else None)
+           np.asarray(classes, np.int64)[:len(chunk)] if conditional else None)
 
 
 def generate(denoise_fn, shape, seeds, **kwargs):

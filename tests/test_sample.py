@@ -124,7 +124,7 @@ def test_generate_errors_before_compiling(kw, match):
   den = lambda *a: calls.append(1) or gaussian_denoise(*a)
   seeds = kw.pop("seeds", range(3))
   with pytest.raises(ValueError, match=match):
-    sample.generate(den, SHAPE, seeds, t_steps=T_STEPS, **kw)
+    sample.generate_batches(den, SHAPE, seeds, t_steps=T_STEPS, **kw)  # raises at the call
   assert not calls
 
 
