@@ -204,7 +204,7 @@ def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_
       grads, count = sanitize_grads(grads)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      norms.append(optax.global_norm(grads))
+      norms.append(optax.tree.norm(grads))
       nonfinite.append(count)
       debug['grads'].append(grads)
     losses.append(loss)

@@ -1,0 +1,282 @@
+"""The SFD distillation loop: mesh, sharding, logging, checkpoints and sample grids.
+
+`train(run, workdir)` composes the pure iteration of `sfd_jax.sfd` with data-parallel
+sharding (batch over a 1-axis mesh of all devices, state replicated and donated), Orbax
+checkpoints that make the run resume by itself, per-tick progress lines, a JSONL metrics
+file and a sample grid per checkpoint. Each iteration's randomness derives from
+`fold_in(key(seed), iteration)`, so an interrupted and resumed run equals an uninterrupted one.
+"""
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sfd_jax import checkpoint
+from sfd_jax import sfd
+from sfd_jax import solvers
+from sfd_jax.config_types import SFDV_NUM_STEPS, DistillSettings, RunConfig
+
+DATA_AXIS = 'data'
+METRICS_FILE = 'metrics.jsonl'
+
+
+class Models(NamedTuple):
+  """The frozen teacher and the student's starting point."""
+  teacher_denoise: Callable
+  teacher_variables: Any
+  student_config: Any
+  student_denoise: Callable
+  student_variables: Any
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-axis mesh over every device of every process.
+
+  Auto axis type: the networks are written as single-device code and XLA propagates the
+  batch sharding (Explicit mode would demand shardings on every reshape).
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_teacher_path(path: str) -> None:
+  """One-line FileNotFoundError before anything heavy happens."""
+  if not path:
+    raise FileNotFoundError('config.teacher is empty: pass --config.teacher=PATH (EDM pickle or converted dir)')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.teacher={path}: no such file or directory')
+
+
+def student_config_for(teacher_config, dropout: float):
+  """The student network: the teacher's, with step-condition layers and the chosen dropout."""
+  config = dataclasses.replace(teacher_config, use_step_condition=True)
+  return config.replace_model(dropout=dropout) if dropout >= 0 else config
+
+
+def load_models(run: RunConfig) -> Models:
+  """Loads the teacher and builds the student from its weights (fresh step-condition layers).
+
+  Raises:
+    FileNotFoundError / ValueError: one line, for a missing teacher or one that does not fit
+      the config's image resolution or label dimension.
+  """
+  from sfd_jax import networks, teacher as teacher_lib  # Flax lives behind these modules
+  check_teacher_path(run.teacher)
+  teacher = teacher_lib.load_teacher(run.teacher)
+  tc = teacher.config
+  if run.img_resolution and tc.img_resolution != run.img_resolution:
+    raise ValueError(f'config.teacher={run.teacher}: resolution {tc.img_resolution} but '
+                     f'config.img_resolution={run.img_resolution}')
+  if run.label_dim >= 0 and tc.label_dim != run.label_dim:
+    raise ValueError(f'config.teacher={run.teacher}: label_dim {tc.label_dim} but config.label_dim={run.label_dim}')
+  student_config = student_config_for(tc, run.train.dropout)
+  state_dict = networks.variables_to_state_dict(teacher.params)
+  student_variables = networks.state_dict_to_variables(
+      student_config, state_dict, rng=jax.random.key(run.train.seed), source=run.teacher)
+  return Models(teacher.denoise, teacher.params, student_config, networks.make_denoise(student_config),
+                student_variables)
+
+
+def make_step(models: Models, optimizer, settings: DistillSettings, mesh) -> Callable:
+  """The jitted iteration for one num_steps: state replicated and donated, batch sharded.
+
+  Returns:
+    `step(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr)
+    -> (params, opt_state, metrics)`; lr is traced, so it compiles once.
+  """
+  fn = functools.partial(sfd.sfd_iteration, student_denoise=models.student_denoise,
+                         teacher_denoise=models.teacher_denoise, optimizer=optimizer, settings=settings)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(fn, out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+
+
+def cached_step(cache: Dict[int, Callable], models: Models, optimizer, settings: DistillSettings,
+                mesh) -> Callable:
+  """The step for `settings.num_steps`, built once per distinct value (SFD-v draws 4..7)."""
+  if settings.num_steps not in cache:
+    cache[settings.num_steps] = make_step(models, optimizer, settings, mesh)
+  return cache[settings.num_steps]
+
+
+def make_batch_fn(mesh, shape, label_dim: int, sigma_max: float) -> Callable:
+  """Jitted draw of `sigma_max · N(0, I)` latents and uniform one-hot labels, batch-sharded.
+
+  Random bits do not depend on the sharding (threefry is partitionable), so the global
+  batch is the same on any number of devices.
+  """
+  data = NamedSharding(mesh, P(DATA_AXIS))
+
+  @functools.partial(jax.jit, out_shardings=(data, data if label_dim else None))
+  def draw(key):
+    k_lat, k_lab = jax.random.split(key)
+    latents = sigma_max * jax.random.normal(k_lat, shape, jnp.float32)
+    if not label_dim:
+      return latents, None
+    labels = jax.nn.one_hot(jax.random.randint(k_lab, shape[:1], 0, label_dim), label_dim, dtype=jnp.float32)
+    return latents, labels
+  return draw
+
+
+def iteration_keys(base_key, iteration: int):
+  """(batch key, dropout key, num_steps key) of one iteration."""
+  return jax.random.split(jax.random.fold_in(base_key, iteration), 3)
+
+
+def draw_num_steps(settings: DistillSettings, key) -> DistillSettings:
+  """SFD-v: num_steps uniform in {4,5,6,7} per iteration; otherwise the configured settings."""
+  if not settings.use_step_condition:
+    return settings
+  choice = int(jax.random.randint(key, (), 0, len(SFDV_NUM_STEPS)))
+  return settings.with_num_steps(SFDV_NUM_STEPS[choice])
+
+
+def make_grid_writer(models: Models, settings: DistillSettings, grid_size: int, seed: int) -> Callable:
+  """Returns `write(variables, path)`: a PNG grid of student samples (Euler, AFS as trained).
+
+  The seeds are fixed, so grids of successive checkpoints show the same latents.
+  """
+  from PIL import Image
+  plan = sfd.make_plan(settings)
+  cfg = models.student_config
+  n, r, c = grid_size * grid_size, cfg.img_resolution, cfg.img_channels
+  z = jax.random.normal(jax.random.key(seed), (n, r, r, c))
+  labels = jax.nn.one_hot(jnp.arange(n) % cfg.label_dim, cfg.label_dim) if cfg.label_dim else None
+  step_condition = float(settings.num_steps) if settings.use_step_condition else None
+
+  @jax.jit
+  def sample(variables):
+    denoise = lambda x, sigma: models.student_denoise(variables, x, sigma, labels, step_condition=step_condition)
+    x = z * plan.t_steps[0]
+    for i in range(len(plan.t_steps) - 1):
+      x = solvers.euler_step(denoise, x, plan.t_steps[i], plan.t_steps[i + 1], afs=settings.afs and i == 0)
+    return x
+
+  def write(variables, path):
+    x = np.asarray(jax.device_get(sample(jax.device_get(variables))))
+    img = np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8)
+    img = img.reshape(grid_size, grid_size, r, r, c).transpose(0, 2, 1, 3, 4).reshape(grid_size * r, grid_size * r, c)
+    Image.fromarray(img[..., 0] if c == 1 else img).save(path)
+  return write
+
+
+@dataclasses.dataclass
+class TickStats:
+  """Metrics accumulated over one tick (host side)."""
+  start_time: float
+  start_nimg: int
+  metrics: list = dataclasses.field(default_factory=list)
+
+  def summary(self, nimg: int, lr: float, tick: int) -> dict:
+    """Per-interval means for each num_steps seen in the tick."""
+    fetched = jax.device_get(self.metrics)
+    out = dict(tick=tick, kimg=nimg / 1000, lr=lr,
+               sec_per_kimg=(time.time() - self.start_time) / max(nimg - self.start_nimg, 1) * 1000)
+    by_len = {}
+    for m in fetched:
+      by_len.setdefault(len(m['loss']) + 1, []).append(m)
+    for num_steps, ms in sorted(by_len.items()):
+      suffix = '' if len(by_len) == 1 else f'_n{num_steps}'
+      for name in ('loss', 'grad_norm'):
+        out[name + suffix] = np.mean([m[name] for m in ms], axis=0).tolist()
+    out['nonfinite'] = int(sum(int(np.sum(m['nonfinite'])) for m in fetched))
+    return out
+
+
+def format_tick(s: dict) -> str:
+  """The per-tick progress line."""
+  losses = ' '.join(f'{k} [{", ".join(f"{v:.4f}" for v in s[k])}]' for k in s if k.startswith('loss'))
+  return (f"tick {s['tick']:<5d} kimg {s['kimg']:<9.3f} sec/kimg {s['sec_per_kimg']:<8.2f} "
+          f"lr {s['lr']:.2e} {losses} nonfinite {s['nonfinite']}")
+
+
+def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
+  """Runs (or resumes) SFD distillation until `total_kimg`; returns the final student variables.
+
+  Args:
+    run: the typed config.
+    workdir: output directory (checkpoints, metrics.jsonl, sample grids).
+    log: where progress lines go (process 0 only).
+
+  Returns:
+    (Models, final student variables as host numpy arrays, DistillSettings).
+  """
+  if run.train.distributed:
+    jax.distributed.initialize()
+  is_main = jax.process_index() == 0
+  log = log if is_main else (lambda _: None)
+  mesh = make_mesh()
+  if run.train.batch % jax.device_count():
+    raise ValueError(f'config.train.batch={run.train.batch} is not divisible by the {jax.device_count()} devices')
+  models = load_models(run)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  replicated = NamedSharding(mesh, P())
+  # A copy (may_alias=False): the step donates params, the loaded student must stay intact.
+  params = jax.device_put(models.student_variables['params'], replicated, may_alias=False)
+  buffers = jax.device_put(models.student_variables.get('buffers', {}), replicated)
+  teacher_variables = jax.device_put(models.teacher_variables, replicated)
+  optimizer = sfd.make_optimizer(run.optim)
+  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+
+  manager = checkpoint.make_manager(workdir, run.train.max_checkpoints)
+  base_key, nimg, iteration = jax.random.key(run.train.seed), 0, 0
+  restored = checkpoint.restore_latest(manager, params, buffers, opt_state)
+  if restored is not None:
+    params, buffers, opt_state, meta = restored
+    nimg, iteration = meta['nimg'], meta['iteration']
+    base_key = jax.random.wrap_key_data(np.asarray(meta['rng_key_data'], np.uint32))
+    log(f'Resuming from {checkpoint.checkpoint_dir(workdir)}/{iteration} at kimg {nimg / 1000:.3f}')
+
+  cfg = models.student_config
+  shape = (run.train.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels)
+  draw = make_batch_fn(mesh, shape, cfg.label_dim, run.distill.sigma_max)
+  steps: Dict[int, Callable] = {}  # one compiled program per num_steps (SFD-v draws 4..7)
+  total_nimg = int(round(run.train.total_kimg * 1000))
+  tick_nimg = int(round(run.train.kimg_per_tick * 1000))
+  tick = nimg // tick_nimg if tick_nimg else 0
+  stats = TickStats(time.time(), nimg)
+  meta_of = lambda: dict(nimg=nimg, iteration=iteration, kimg=nimg / 1000,
+                         rng_key_data=np.asarray(jax.random.key_data(base_key)).tolist(),
+                         network=cfg.to_dict(), settings=run.distill.sampling_settings(),
+                         distill=dataclasses.asdict(run.distill), dataset_name=run.dataset_name)
+  write_grid = make_grid_writer(models, run.distill, run.train.grid_size, run.train.seed) if is_main else None
+  log(f'Training for {run.train.total_kimg} kimg on {jax.device_count()} device(s)...')
+  metrics_path = workdir / METRICS_FILE
+
+  while nimg < total_nimg:
+    k_batch, k_drop, k_steps = iteration_keys(base_key, iteration)
+    settings = draw_num_steps(run.distill, k_steps)
+    step = cached_step(steps, models, optimizer, settings, mesh)
+    lr = sfd.learning_rate(run.optim, nimg, run.train.batch, run.train.total_kimg)
+    latents, labels = draw(k_batch)
+    params, opt_state, metrics = step(
+        params, opt_state, buffers, teacher_variables, latents, labels, k_drop, np.float32(lr))
+    stats.metrics.append(metrics)
+    nimg += run.train.batch
+    iteration += 1
+    done = nimg >= total_nimg
+    if not done and nimg < stats.start_nimg + tick_nimg:
+      continue
+    summary = stats.summary(nimg, lr, tick)
+    log(format_tick(summary))
+    if is_main:
+      with open(metrics_path, 'a') as f:
+        f.write(json.dumps(dict(summary, timestamp=time.time())) + '\n')
+    tick += 1
+    if done or tick % run.train.checkpoint_ticks == 0:
+      checkpoint.save(manager, iteration, params, buffers, opt_state, meta_of())
+      if is_main:
+        write_grid({'params': params, 'buffers': buffers}, workdir / f'samples-{iteration:08d}.png')
+    stats = TickStats(time.time(), nimg)
+
+  manager.wait_until_finished()
+  manager.close()
+  final = {'params': jax.device_get(params), 'buffers': jax.device_get(buffers)}
+  return models, final, run.distill
