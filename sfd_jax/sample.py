@@ -10,8 +10,10 @@ Student (Euler with the settings stored in its checkpoint):
   python -m sfd_jax.sample --student=runs/cifar10 --seeds=0-49999 --batch=500 --outdir=out
 
 Each seed's latents (and class) come from `jax.random.key(seed)` alone, so an image depends
-on its seed only, not on the batch size or the number of devices. The importable core is
-`generate` / `generate_batches`.
+on its seed only, not on the batch size or the number of devices (bit for bit on CPU; on a
+GPU the convolution algorithms, and TF32 under JAX's default matmul precision, depend on the
+batch shape, so a different --batch can move a few pixels by one level; measured on an H100
+with the fixture network). The importable core is `generate` / `generate_batches`.
 """
 import argparse
 import functools
