@@ -9,6 +9,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Distillation config file.', lock_config=True)
@@ -38,6 +39,7 @@ def parse_flags(argv):
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   if len(argv) > 1:
     sys.exit(f'main.py: unexpected arguments {argv[1:]}')
   if _CONFIG.value is None or not _WORKDIR.value:

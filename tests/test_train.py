@@ -1,0 +1,174 @@
+"""The training loop end to end: crash-and-resume equality, checkpoints, load_student, CLI errors.
+
+The runs use the tiny fixture teacher (16×16, 190k parameters) with batches of 4 on 2 fake
+CPU devices. The three subprocess runs share a persistent compilation cache so that only the
+first one pays for compiling the step.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import EDM_FIXTURES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEACHER = EDM_FIXTURES / 'edm_ddpmpp_uncond.pkl'
+ITERS = 8
+TINY = [
+    f'--config.teacher={TEACHER}', '--config.img_resolution=16', '--config.label_dim=0',
+    '--config.train.batch=4', f'--config.train.total_kimg={ITERS * 4 / 1000}',
+    '--config.train.kimg_per_tick=0.004', '--config.train.checkpoint_ticks=2',
+    '--config.train.grid_size=2', '--config.train.seed=3',
+]
+
+
+def env(cache_dir):
+  e = dict(os.environ)
+  e.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+           JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONPATH=str(ROOT))
+  return e
+
+
+def command(workdir, *extra):
+  return [sys.executable, '-m', 'sfd_jax.main', '--config=configs/cifar10.py', f'--workdir={workdir}', *TINY, *extra]
+
+
+def run_cli(workdir, cache_dir, *extra, timeout=300):
+  return subprocess.run(command(workdir, *extra), cwd=ROOT, env=env(cache_dir), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def ckpt_entries(workdir):
+  d = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def kill_when(workdir, cache_dir, predicate, timeout=300):
+  """Starts a run and SIGKILLs it as soon as predicate(checkpoint entries) holds."""
+  proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(cache_dir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      entries = ckpt_entries(workdir)
+      if predicate(entries):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return entries
+      time.sleep(0.0005)
+    raise AssertionError(f'run ended before the kill point: {proc.stderr.read()[-2000:]}')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def params_of(workdir):
+  from sfd_jax.checkpoint import load_student
+  config, variables, settings = load_student(workdir)
+  flat = {}
+
+  def walk(tree, prefix):
+    for k, v in tree.items():
+      walk(v, f'{prefix}{k}.') if isinstance(v, dict) else flat.setdefault(prefix + k, np.asarray(v))
+  walk(variables['params'], '')
+  return config, flat, settings
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = run_cli(workdir, cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.mark.slow
+def test_uninterrupted_run_artifacts(reference_run):
+  workdir, result = reference_run
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert len(lines) == ITERS and lines[-1]['kimg'] == pytest.approx(ITERS * 4 / 1000)
+  assert all(len(l['loss']) == 3 and np.all(np.isfinite(l['loss'])) for l in lines)
+  assert 'sec/kimg' in result.stdout and 'loss [' in result.stdout
+  assert len(list(workdir.glob('samples-*.png'))) == ITERS // 2
+  config, params, settings = params_of(workdir)
+  assert settings['num_steps'] == 4 and settings['afs'] and settings['sigma_min'] == 0.006
+  assert config.use_step_condition and config.img_resolution == 16
+  assert 'model.map_step_layer0.weight' in params
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_run):
+  """Killed mid-checkpoint-write and again mid-training, rerun twice, same final params."""
+  _, ref, _ = params_of(reference_run[0])
+  workdir = tmp_path / 'killed'
+  # 1) kill while Orbax is writing a checkpoint (its temporary directory exists).
+  seen = kill_when(workdir, cache_dir, lambda e: any('tmp' in n for n in e))
+  assert any('tmp' in n for n in seen)
+  # 2) restart, kill again once a later checkpoint is complete (mid-training).
+  kill_when(workdir, cache_dir, lambda e: len([n for n in e if n.isdigit() and int(n) >= 4]) > 0)
+  # 3) restart and finish.
+  result = run_cli(workdir, cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from' in result.stdout
+  _, params, _ = params_of(workdir)
+  assert params.keys() == ref.keys()
+  for name in ref:
+    np.testing.assert_array_equal(params[name], ref[name], err_msg=name)
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--config.teacher=/nonexistent/teacher.pkl'], 'config.teacher=/nonexistent/teacher.pkl: no such file'),
+    (['--config.img_resolution=32'], 'resolution 16 but config.img_resolution=32'),
+    (['--config.label_dim=10'], 'label_dim 0 but config.label_dim=10'),
+    (['--config.train.bogus=1'], 'unknown config key --config.train.bogus'),
+    (['--config.distill.sampler_tea=rk4'], "distill.sampler_tea='rk4' unknown"),
+    (['--config.train.is_second_stage=True'], 'not implemented'),
+])
+def test_cli_errors_are_one_line(tmp_path, cache_dir, extra, expected):
+  """Bad teacher / config: exit 2 with one line on stderr, before anything is compiled."""
+  start = time.time()
+  result = run_cli(tmp_path / 'w', cache_dir, *extra, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and expected in lines[0], result.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+  assert time.time() - start < 60
+
+
+def test_load_student_step_dir_and_missing(reference_run, tmp_path):
+  from sfd_jax.checkpoint import load_student
+  workdir = reference_run[0]
+  steps = sorted(int(n) for n in ckpt_entries(workdir) if n.isdigit())
+  assert steps[-1] == ITERS
+  _, last, _ = params_of(workdir)
+  _, from_dir, _ = params_of(workdir / 'checkpoints' / str(ITERS))
+  _, earlier, _ = params_of(workdir / 'checkpoints' / str(steps[0]))
+  for name in last:
+    np.testing.assert_array_equal(last[name], from_dir[name])
+  assert any(np.any(last[n] != earlier[n]) for n in last)
+  with pytest.raises(FileNotFoundError, match='no complete student checkpoint'):
+    load_student(tmp_path)
+
+
+def test_student_exports_and_samples_like_teacher_layout(reference_run, tmp_path):
+  """The student's variables export to an EDM-named state dict with the teacher's names."""
+  from sfd_jax import networks
+  from sfd_jax.edm_pickle import read_edm_snapshot
+  config, variables, _ = __import__('sfd_jax.checkpoint', fromlist=['x']).load_student(reference_run[0])
+  state_dict = networks.variables_to_state_dict(variables)
+  teacher_names = set(read_edm_snapshot(TEACHER).state_dict)
+  step_names = {n for n in state_dict if 'step' in n}
+  assert teacher_names == set(state_dict) - step_names and step_names
