@@ -299,3 +299,24 @@ def test_sfdv_draws_and_compiles_once_per_num_steps():
   # each receiving step_condition = num_steps.
   assert sorted(seen) == sorted(float(n) for n in used for _ in range(n - 2))
   assert set(modes) == {(True, True)}  # the student trains with dropout active
+
+
+def test_class_labels_one_hot_sharded_and_used():
+  """Conditional teachers: uniform one-hot labels, batch-sharded, passed to teacher and student."""
+  mesh = train.make_mesh()
+  draw = train.make_batch_fn(mesh, (64, 4, 4, 3), 10, SETTINGS.sigma_max)
+  latents, labels = draw(jax.random.key(0))
+  labels = np.asarray(labels)
+  assert labels.shape == (64, 10) and np.all(labels.sum(1) == 1) and set(np.unique(labels)) == {0, 1}
+  assert len(np.unique(labels.argmax(1))) > 5
+  assert np.asarray(latents).std() == pytest.approx(SETTINGS.sigma_max, rel=0.1)
+  got = []
+  def denoise(variables, x, sigma, class_labels=None, *args, **kwargs):
+    got.append(class_labels)
+    return toy_denoise(variables, x, sigma)
+  v = {'params': {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}}
+  optimizer = sfd.make_optimizer(OPTIM)
+  sfd.sfd_iteration(v['params'], optimizer.init(v['params']), {}, v, latents, labels, jax.random.key(1),
+                    OPTIM.lr, student_denoise=denoise, teacher_denoise=denoise, optimizer=optimizer,
+                    settings=SETTINGS)
+  assert len(got) == 12 + 2 and all(g is labels for g in got)

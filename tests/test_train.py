@@ -163,12 +163,17 @@ def test_load_student_step_dir_and_missing(reference_run, tmp_path):
     load_student(tmp_path)
 
 
-def test_student_exports_and_samples_like_teacher_layout(reference_run, tmp_path):
-  """The student's variables export to an EDM-named state dict with the teacher's names."""
-  from sfd_jax import networks
+def test_student_exports_to_edm_state_dict(reference_run, tmp_path):
+  """checkpoint.export_student writes a .pt with the teacher's EDM names plus the step layers."""
+  from sfd_jax import checkpoint, torch_format
   from sfd_jax.edm_pickle import read_edm_snapshot
-  config, variables, _ = __import__('sfd_jax.checkpoint', fromlist=['x']).load_student(reference_run[0])
-  state_dict = networks.variables_to_state_dict(variables)
-  teacher_names = set(read_edm_snapshot(TEACHER).state_dict)
-  step_names = {n for n in state_dict if 'step' in n}
-  assert teacher_names == set(state_dict) - step_names and step_names
+  out = tmp_path / 'student.pt'
+  checkpoint.export_student(reference_run[0], out)
+  exported = torch_format.load_state_dict(out)
+  teacher = read_edm_snapshot(TEACHER).state_dict
+  step_names = {n for n in exported if 'map_step' in n or 'affine_step' in n}
+  assert set(exported) - step_names == set(teacher) and step_names
+  _, params, _ = params_of(reference_run[0])
+  for name, value in params.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  assert any(np.any(exported[n] != teacher[n]) for n in teacher if not n.endswith('resample_filter'))
