@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfd_jax.networks.precond import (MODEL_CLASSES, PRECOND_CLASSES, build_precond, iddpm_u_table,
-                                      model_class, precond_defaults, vp_sigma)
+from sfd_jax.networks.precond import build_precond, iddpm_u_table, model_class, precond_defaults, vp_sigma
 from sfd_jax.networks.precond import precond_class as _precond_class
 
 __all__ = ["NetworkConfig", "init_variables", "make_denoise", "make_raw_model", "state_dict_to_variables",
@@ -321,7 +320,9 @@ def make_denoise(config: NetworkConfig) -> Callable:
     Returns:
       `denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None,
       *, train=False, dropout_rng=None) -> D` with x and D NHWC [N, H, W, C], sigma a scalar or
-      [N]. Runs in float32 (float64 if x is float64 under x64).
+      [N]. Runs in float32 (float64 if x is float64 under x64); convolutions and matmuls
+      use JAX's default precision, so on GPU/TPU wrap calls in
+      `jax.default_matmul_precision('highest')` for EDM's float32 numbers.
     """
     return _make_apply(config, return_model_output=False)
 

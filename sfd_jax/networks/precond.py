@@ -5,6 +5,7 @@ with `force_fp32=True` (float64 when the input is float64 under jax x64). The co
 tables EDM derives in float32 (VP σ(t), the iDDPM `u` table) are reproduced here with numpy
 float32 arithmetic so that the attributes match a pickled network's.
 """
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -193,7 +194,6 @@ def precond_class(name: str):
 def precond_defaults(name: str) -> dict:
     """Constructor defaults of a preconditioner besides the image shape and label_dim:
     use_fp16, its own constants and model_type."""
-    import dataclasses
     cls = precond_class(name)
     skip = {"img_resolution", "img_channels", "label_dim", "model_kwargs", "use_step_condition",
             "parent", "name"}
