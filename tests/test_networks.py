@@ -303,12 +303,16 @@ def test_songunet_skip_variant_and_dropout_only_in_training():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
     sigma = jnp.array([0.5, 3.0])
     denoise = nets.make_denoise(cfg)
-    out = jax.jit(denoise)(variables, x, sigma)
+    jitted = jax.jit(chex.assert_max_traces(denoise, n=1))  # new values must not retrace
+    labels = jnp.zeros([2, 3])
+    out = jitted(variables, x, sigma, class_labels=labels)
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    other = jitted(variables, x, sigma * 2, class_labels=jnp.eye(3)[:2])
+    assert float(jnp.abs(other - out).max()) > 1e-4
     train = jax.jit(functools.partial(denoise, train=True))
-    a = train(variables, x, sigma, dropout_rng=jax.random.key(1))
-    b = train(variables, x, sigma, dropout_rng=jax.random.key(1))
-    c = train(variables, x, sigma, dropout_rng=jax.random.key(2))
+    a = train(variables, x, sigma, class_labels=labels, dropout_rng=jax.random.key(1))
+    b = train(variables, x, sigma, class_labels=labels, dropout_rng=jax.random.key(1))
+    c = train(variables, x, sigma, class_labels=labels, dropout_rng=jax.random.key(2))
     chex.assert_trees_all_equal(a, b)
     assert float(jnp.abs(a - out).max()) > 1e-4 and float(jnp.abs(a - c).max()) > 1e-4
     with pytest.raises(ValueError, match="dropout_rng"):
