@@ -196,6 +196,24 @@ def format_tick(s: dict) -> str:
           f"lr {s['lr']:.2e} {losses} nonfinite {s['nonfinite']}")
 
 
+def check_resume(meta: dict, run: RunConfig, workdir) -> None:
+  """A checkpoint only resumes the run that wrote it: same distillation settings."""
+  saved = meta.get('distill', {})
+  for key, value in dataclasses.asdict(run.distill).items():
+    if key in saved and saved[key] != value:
+      raise ValueError(f'{checkpoint.checkpoint_dir(workdir)}: checkpoint has distill.{key}={saved[key]!r} but '
+                       f'the config says {value!r}; use another --workdir')
+
+
+def truncate_metrics(path: pathlib.Path, nimg: int) -> None:
+  """Drops JSONL lines written after the checkpoint a run resumes from (they are redone)."""
+  if not path.exists():
+    return
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  kept = [l for l in lines if round(json.loads(l)['kimg'] * 1000) <= nimg]
+  path.write_text(''.join(l + '\n' for l in kept))
+
+
 def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   """Runs (or resumes) SFD distillation until `total_kimg`; returns the final student variables.
 
@@ -230,6 +248,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   restored = checkpoint.restore_latest(manager, params, buffers, opt_state)
   if restored is not None:
     params, buffers, opt_state, meta = restored
+    check_resume(meta, run, workdir)
     nimg, iteration = meta['nimg'], meta['iteration']
     base_key = jax.random.wrap_key_data(np.asarray(meta['rng_key_data'], np.uint32))
     log(f'Resuming from {checkpoint.checkpoint_dir(workdir)}/{iteration} at kimg {nimg / 1000:.3f}')
@@ -249,6 +268,8 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   write_grid = make_grid_writer(models, run.distill, run.train.grid_size, run.train.seed) if is_main else None
   log(f'Training for {run.train.total_kimg} kimg on {jax.device_count()} device(s)...')
   metrics_path = workdir / METRICS_FILE
+  if is_main:
+    truncate_metrics(metrics_path, nimg)
 
   while nimg < total_nimg:
     k_batch, k_drop, k_steps = iteration_keys(base_key, iteration)

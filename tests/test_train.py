@@ -124,6 +124,9 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resuming from' in result.stdout
   _, params, _ = params_of(workdir)
+  # The metrics file holds each tick once, as in the uninterrupted run.
+  ref_kimg = [json.loads(l)['kimg'] for l in (reference_run[0] / 'metrics.jsonl').read_text().splitlines()]
+  assert [json.loads(l)['kimg'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()] == ref_kimg
   assert params.keys() == ref.keys()
   for name in ref:
     np.testing.assert_array_equal(params[name], ref[name], err_msg=name)
@@ -146,6 +149,13 @@ def test_cli_errors_are_one_line(tmp_path, cache_dir, extra, expected):
   assert len(lines) == 1 and expected in lines[0], result.stderr
   assert not (tmp_path / 'w' / 'checkpoints').exists()
   assert time.time() - start < 60
+
+
+def test_resume_refuses_other_settings(reference_run, cache_dir):
+  """A workdir's checkpoint is not silently resumed with different distillation settings."""
+  result = run_cli(reference_run[0], cache_dir, '--config.train.total_kimg=0.04', '--config.distill.M=2')
+  assert result.returncode == 2
+  assert 'checkpoint has distill.M=3 but the config says 2' in result.stderr.strip().splitlines()[-1]
 
 
 def test_load_student_step_dir_and_missing(reference_run, tmp_path):
