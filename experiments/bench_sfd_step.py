@@ -1,0 +1,91 @@
+"""Times one SFD iteration (teacher trajectory + all student updates) on a real-size network.
+
+The network is EDM's CIFAR-10 DDPM++ (VPPrecond, SongUNet, 56M parameters) with random
+weights: the time of an iteration does not depend on the weight values. Reports seconds per
+kimg (thousand distilled trajectories), to compare with the paper's 0.64 A100-hours for
+200 kimg (= 11.5 s/kimg on one A100, official code, fp16).
+
+  python experiments/bench_sfd_step.py                 # CIFAR-10 size, batch 128
+  python experiments/bench_sfd_step.py --small --batch=8 --iters=2   # CPU smoke run
+"""
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfd_jax import networks, sfd, train
+from sfd_jax.config_types import DistillSettings, OptimSettings
+
+CIFAR10_DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                      decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                      model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+                      augment_dim=9, dropout=0.13, img_resolution=32, img_channels=3, label_dim=0)
+SMALL = dict(CIFAR10_DDPMPP, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+             img_resolution=16)
+
+
+def build_models(kwargs):
+  teacher_config = networks.NetworkConfig.from_edm('VPPrecond', kwargs)
+  teacher_variables = networks.init_variables(teacher_config, jax.random.key(0))
+  student_config = train.student_config_for(teacher_config, dropout=-1.0)
+  student_variables = networks.state_dict_to_variables(
+      student_config, networks.variables_to_state_dict(teacher_variables), rng=jax.random.key(1))
+  return train.Models(networks.make_denoise(teacher_config), teacher_variables, student_config,
+                      networks.make_denoise(student_config), student_variables), teacher_config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--small', action='store_true', help='tiny 16x16 network (CPU smoke run)')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--num_steps', type=int, default=4)
+  args = parser.parse_args()
+
+  models, cfg = build_models(SMALL if args.small else CIFAR10_DDPMPP)
+  settings = DistillSettings(num_steps=args.num_steps)
+  optim = OptimSettings()
+  optimizer = sfd.make_optimizer(optim)
+  mesh = train.make_mesh()
+  step = train.make_step(models, optimizer, settings, mesh)
+  draw = train.make_batch_fn(mesh, (args.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
+                             0, settings.sigma_max)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Placed as the step's outputs are, so the second call does not recompile.
+  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
+  teacher_variables = jax.device_put(models.teacher_variables, replicated)
+  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  key = jax.random.key(0)
+
+  def one(i, params, opt_state):
+    latents, labels = draw(jax.random.fold_in(key, i))
+    return step(params, opt_state, buffers, teacher_variables, latents, labels,
+                jax.random.fold_in(key, 10_000 + i), optim.lr)
+
+  t0 = time.perf_counter()
+  params, opt_state, metrics = one(0, params, opt_state)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(1, args.iters + 1):
+    params, opt_state, metrics = one(i, params, opt_state)
+  jax.block_until_ready(metrics)
+  per_iter = (time.perf_counter() - t0) / args.iters
+  device = jax.devices()[0]
+  print(f'device: {device.device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()}), '
+        f'jax {jax.__version__}, matmul precision {jax.config.jax_default_matmul_precision}')
+  print(f'network: {networks.count_params(models.student_variables):,} params, '
+        f'{cfg.img_resolution}x{cfg.img_resolution}; batch {args.batch}; num_steps {args.num_steps}; '
+        f'teacher NFE {(settings.M + 1) * (args.num_steps - 1)}')
+  print(f'first iteration (compile + run): {compile_s:.1f} s')
+  print(f'iteration: {per_iter * 1000:.1f} ms  ->  {per_iter / args.batch * 1000:.2f} s/kimg  '
+        f'({200 * per_iter / args.batch * 1000 / 3600:.2f} h for 200 kimg)')
+  print('loss per interval:', np.asarray(metrics['loss']).round(3).tolist())
+  print('compiled programs:', step._cache_size())
+
+
+if __name__ == '__main__':
+  main()
