@@ -6,9 +6,8 @@ PRNG key, the network config and the settings sampling needs. The frozen teacher
 stored: it is reloaded from its own file. Orbax writes each step to a temporary directory and
 renames it when complete, so a run killed mid-write resumes from the last complete step.
 """
-import os
 import pathlib
-from typing import Any, Optional, Tuple
+from typing import Tuple
 
 import jax
 import numpy as np

@@ -6,7 +6,7 @@ from its OWN previous output, and each non-AFS step is followed by one Adam upda
 L1 loss. Everything here is jit-able; nothing imports Flax.
 """
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
