@@ -49,6 +49,7 @@ def get_config():
   t.seed = 0                          # everything random derives from jax.random.key(seed)
   t.dropout = -1.0                    # student dropout; < 0 keeps the teacher network's rate
   t.distributed = False               # multi-host: call jax.distributed.initialize()
+  t.compilation_cache = ''            # persistent XLA cache dir: a resumed run skips recompiling
   t.is_second_stage = False           # 1-NFE second stage with LPIPS (not implemented)
   t.demo_report = False               # after training, write sfd_jax.demo's report (demo config)
   return config

@@ -62,6 +62,7 @@ class TrainSettings:
   seed: int = 0
   dropout: float = -1.0               # student dropout; < 0 keeps the teacher's configured rate
   distributed: bool = False           # call jax.distributed.initialize() (multi-host)
+  compilation_cache: str = ''         # persistent XLA compilation cache directory ('' = off)
   is_second_stage: bool = False       # 1-NFE second stage (LPIPS): not implemented
   demo_report: bool = False           # write sfd_jax.demo's report after training
 

@@ -227,6 +227,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   """
   if run.train.distributed:
     jax.distributed.initialize()
+  if run.train.compilation_cache:
+    # The full iteration is one large program; caching it makes a resumed run start at once.
+    jax.config.update('jax_compilation_cache_dir', run.train.compilation_cache)
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda _: None)
   mesh = make_mesh()
