@@ -199,8 +199,14 @@ def render_markdown(report):
 
 
 def _machine():
-  return f'{platform.machine()} {platform.processor() or ""}'.strip() + f', {os.cpu_count()} CPUs, jax ' \
-      f'{jax.__version__} on {jax.default_backend()}'
+  """CPU model (Linux), core count and JAX backend, for the report header."""
+  cpu = platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  except OSError:
+    pass
+  return f'{cpu}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.default_backend()}'
 
 
 def student_denoiser(student_config, student_variables, num_steps, use_step_condition):
