@@ -111,18 +111,17 @@ def test_uninterrupted_run_artifacts(reference_run):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_run):
-  """Killed mid-checkpoint-write and again mid-training, rerun twice, same final params."""
+  """Killed while checkpoint 4 is being written (2 is complete), rerun: same final params."""
   _, ref, _ = params_of(reference_run[0])
   workdir = tmp_path / 'killed'
-  # 1) kill while Orbax is writing a checkpoint (its temporary directory exists).
-  seen = kill_when(workdir, cache_dir, lambda e: any('tmp' in n for n in e))
-  assert any('tmp' in n for n in seen)
-  # 2) restart, kill again once a later checkpoint is complete (mid-training).
-  kill_when(workdir, cache_dir, lambda e: len([n for n in e if n.isdigit() and int(n) >= 4]) > 0)
-  # 3) restart and finish.
+  # Kill while Orbax writes step 4 (its temporary directory exists; step 2 is complete).
+  seen = kill_when(workdir, cache_dir, lambda e: any(n.startswith('4.') and 'tmp' in n for n in e))
+  assert '2' in seen and '4' not in seen
+  # Restart with the same command: it resumes from step 2 and finishes.
   result = run_cli(workdir, cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Resuming from' in result.stdout
+  assert 'Resuming from' in result.stdout and 'checkpoints/2 ' in result.stdout
+  assert not any('tmp' in n for n in ckpt_entries(workdir))  # the partial write was cleaned up
   _, params, _ = params_of(workdir)
   # The metrics file holds each tick once, as in the uninterrupted run.
   ref_kimg = [json.loads(l)['kimg'] for l in (reference_run[0] / 'metrics.jsonl').read_text().splitlines()]
