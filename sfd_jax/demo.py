@@ -298,45 +298,31 @@ def write_demo_report(workdir, teacher, student_variables, settings, *, student_
   subset = np.random.RandomState(0).choice(len(digits), min(options.num_samples, len(digits)), replace=False)
   timings['feature_net'] = round(time.time() - t0, 1)
 
-  results, samples_nfe2 = [], {}
-  method_order = []
-  t0 = time.time()
-  for label, solver, kwargs in BASELINES:
-    for afs in (False, True):
-      name = label + (' + AFS' if afs else '')
-      for nfe in options.nfes:
-        num_steps = baseline_num_steps(solver, nfe, afs)
-        if num_steps is None:
-          continue
-        out = _batched(make_sampler(teacher_denoise, solver, num_steps, afs, schedule, **kwargs),
-                       latents, options.batch)
-        results.append(dict(method=name, solver=solver, afs=afs, nfe=nfe, num_steps=num_steps,
-                            training_free=True, rmse=rmse(out, reference), fd=fd_of(out)))
-        if name not in method_order:
-          method_order.append(name)
-        if nfe == min(options.nfes):
-          samples_nfe2[name] = out[:options.grid_columns]
+  grid_nfe = min(options.nfes)
+  results, grid_rows, t0 = [], {}, time.time()
+
+  def record(name, solver, afs, nfe, num_steps, out, training_free):
+    results.append(dict(method=name, solver=solver, afs=afs, nfe=nfe, num_steps=num_steps,
+                        training_free=training_free, rmse=rmse(out, reference), fd=fd_of(out)))
+    if nfe == grid_nfe:
+      grid_rows[name] = out[:options.grid_columns]
+
+  for name, solver, afs, nfe, num_steps, kwargs in baseline_runs(options.nfes):
+    record(name, solver, afs, nfe, num_steps, _batched(
+        make_sampler(teacher_denoise, solver, num_steps, afs, schedule, **kwargs), latents, options.batch),
+           training_free=True)
   timings['baselines'] = round(time.time() - t0, 1)
 
   t0 = time.time()
   for nfe, num_steps in sorted(student_nfes(settings).items()):
     denoise = student_denoiser(student_config, student_variables, num_steps, use_cond)
-    out = _batched(make_sampler(denoise, 'euler', num_steps, bool(settings['afs']), schedule),
-                   latents, options.batch)
-    results.append(dict(method=student_name, solver='euler', afs=bool(settings['afs']), nfe=nfe,
-                        num_steps=num_steps, training_free=False, rmse=rmse(out, reference), fd=fd_of(out)))
-    if nfe == min(options.nfes):
-      samples_nfe2[student_name] = out[:options.grid_columns]
-  method_order.append(student_name)
+    record(student_name, 'euler', bool(settings['afs']), nfe, num_steps, _batched(
+        make_sampler(denoise, 'euler', num_steps, bool(settings['afs']), schedule), latents, options.batch),
+           training_free=False)
   timings['student'] = round(time.time() - t0, 1)
 
-  nfe0 = min(options.nfes)
-  at_nfe0 = [r for r in results if r['nfe'] == nfe0]
-  best = min((r for r in at_nfe0 if r['training_free']), key=lambda r: r['rmse'])
-  student_row = next((r for r in at_nfe0 if not r['training_free']), None)
-  summary = dict(nfe=nfe0, best_baseline=best['method'], best_baseline_rmse=best['rmse'],
-                 sfd_rmse=student_row['rmse'] if student_row else None,
-                 ratio=student_row['rmse'] / best['rmse'] if student_row else None)
+  method_order = list(dict.fromkeys(r['method'] for r in results))
+  summary = summarize(results, grid_nfe)
   timings['report_total'] = round(time.time() - start, 1)
   report = dict(
       machine=_machine(), date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
@@ -349,15 +335,42 @@ def write_demo_report(workdir, teacher, student_variables, settings, *, student_
       feature_net=dict(hidden_sizes=list(fd.HIDDEN_SIZES), heldout_accuracy=feature_net.heldout_accuracy),
       data_fd=fd_of(digits[subset]), method_order=method_order, results=results, summary=summary,
       timings=timings)
+  rows = [('Reference (Heun)', reference[:options.grid_columns])]
+  rows += [(name, grid_rows[name]) for name in method_order if name in grid_rows]
+  _write_outputs(workdir, report, rows)
+  return report
+
+
+def baseline_runs(nfes):
+  """Every training-free run: (row name, solver, afs, nfe, num_steps, solver kwargs)."""
+  for label, solver, kwargs in BASELINES:
+    for afs in (False, True):
+      for nfe in nfes:
+        num_steps = baseline_num_steps(solver, nfe, afs)
+        if num_steps is not None:
+          yield label + (' + AFS' if afs else ''), solver, afs, nfe, num_steps, kwargs
+
+
+def summarize(results, nfe):
+  """The verdict at `nfe`: best training-free RMSE, the student's, and their ratio."""
+  at_nfe = [r for r in results if r['nfe'] == nfe]
+  best = min((r for r in at_nfe if r['training_free']), key=lambda r: r['rmse'])
+  student = next((r for r in at_nfe if not r['training_free']), None)
+  return dict(nfe=nfe, best_baseline=best['method'], best_baseline_rmse=best['rmse'],
+              sfd_rmse=student['rmse'] if student else None,
+              ratio=student['rmse'] / best['rmse'] if student else None)
+
+
+def _write_outputs(workdir, report, rows):
+  """report.json, report.md and grid.png, then the two lines the demo prints."""
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(render_markdown(report))
-  rows = [('Reference (Heun)', reference[:options.grid_columns])]
-  rows += [(name, samples_nfe2[name]) for name in method_order if name in samples_nfe2]
   save_grid(os.path.join(workdir, 'grid.png'), rows)
   print(f"Demo report: {os.path.join(workdir, 'report.md')} (report.json, grid.png beside it)")
+  summary = report['summary']
   if summary['ratio'] is not None:
-    print(f"NFE {nfe0}: {student_name} RMSE {summary['sfd_rmse']:.4f}, best training-free "
-          f"({summary['best_baseline']}) {summary['best_baseline_rmse']:.4f}, ratio {summary['ratio']:.3f}")
-  return report
+    print(f"NFE {summary['nfe']}: {report['method_order'][-1]} RMSE {summary['sfd_rmse']:.4f}, best "
+          f"training-free ({summary['best_baseline']}) {summary['best_baseline_rmse']:.4f}, "
+          f"ratio {summary['ratio']:.3f}")

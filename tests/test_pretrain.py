@@ -132,3 +132,13 @@ def test_feature_net_classifies_digits_and_separates_noise():
   noise = np.random.RandomState(1).uniform(-1, 1, images.shape)
   fake = fd.feature_stats(fd.features(net, noise))
   assert fd.frechet_distance(*real, *other_real) * 20 < fd.frechet_distance(*real, *fake)
+
+
+def test_pretrain_cli_without_flags_exits_2_with_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'sfd_jax.pretrain'], capture_output=True, text=True,
+                        cwd=str(tmp_path), timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('pretrain: --config and --workdir are required')
+  assert 'Traceback' not in proc.stderr
