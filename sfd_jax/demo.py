@@ -50,7 +50,7 @@ class EvalOptions:
     reference_steps: time points of the Heun reference solution.
     check_steps: time points of a coarser Heun run whose distance to the reference is
       reported as evidence that the reference has converged.
-    batch: samples per jitted sampler call.
+    batch: samples per sampler call (the network batch).
     grid_columns: seeds shown in grid.png.
   """
   nfes: tuple = (2, 3, 4, 5)
