@@ -70,6 +70,15 @@ def _resolve(path) -> Tuple[pathlib.Path, int]:
   return root, max(steps)
 
 
+def is_student_checkpoint(path) -> bool:
+  """Whether `path` is a workdir, checkpoints dir or step dir holding a complete checkpoint."""
+  try:
+    _resolve(path)
+  except FileNotFoundError:
+    return False
+  return True
+
+
 def load_student(path):
   """Loads a distilled student for sampling.
 

@@ -2,6 +2,7 @@
 
   python -m sfd_jax.convert --src=edm-cifar10-32x32-uncond-vp.pkl --dst=teachers/cifar10
   python -m sfd_jax.convert --src=teachers/cifar10 --dst=cifar10.pt
+  python -m sfd_jax.convert --src=runs/cifar10 --dst=student.pt     # a distilled student
 
 A converted directory loads later without torch and without the pickle (`load_teacher`).
 A `.pt` destination gets an EDM-named state dict that `torch.load(..., weights_only=True)`
@@ -10,14 +11,12 @@ and EDM's `net.load_state_dict` accept. Errors are one line on stderr, exit stat
 import argparse
 import sys
 
-import numpy as np
-
-from sfd_jax import teacher
+from sfd_jax import networks, teacher
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m sfd_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--src", required=True, help="EDM snapshot .pkl or converted directory")
+    parser.add_argument("--src", required=True, help="EDM snapshot .pkl, converted directory or SFD workdir")
     parser.add_argument("--dst", required=True, help="new directory, or FILE.pt for a PyTorch state dict")
     return parser.parse_args(argv)
 
@@ -25,20 +24,12 @@ def _parse(argv):
 def convert(src, dst) -> str:
     """Converts `src` into `dst` (a new directory, or a `.pt` file) and describes the result."""
     config, variables = teacher.load_network(src)
-    count = sum(np.size(v) for v in _leaves(variables["params"]))
+    count = networks.count_params(variables)
     if str(dst).endswith(".pt"):
         teacher.export_state_dict(variables, dst)
     else:
         teacher.save_converted(dst, config, variables)
     return f"wrote {dst} ({count:,} parameters)"
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 def main(argv=None) -> int:

@@ -107,10 +107,14 @@ def load_network(path) -> tuple[NetworkConfig, dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, NETWORK_JSON)):
-            raise ValueError(f"{path}: unknown teacher format (a directory without {NETWORK_JSON}; "
-                             "expected an EDM snapshot .pkl or a converted directory)")
-        return load_converted(path)
+        if os.path.isfile(os.path.join(path, NETWORK_JSON)):
+            return load_converted(path)
+        from sfd_jax import checkpoint  # a distilled student (e.g. the second stage's teacher)
+        if checkpoint.is_student_checkpoint(path):
+            config, variables, _ = checkpoint.load_student(path)
+            return config, variables
+        raise ValueError(f"{path}: unknown teacher format (a directory without {NETWORK_JSON} or student "
+                         "checkpoints; expected an EDM snapshot .pkl, a converted directory or an SFD workdir)")
     with open(path, "rb") as f:
         head = f.read(2)
     if not head.startswith(b"\x80"):

@@ -186,3 +186,18 @@ def test_student_exports_to_edm_state_dict(reference_run, tmp_path):
   for name, value in params.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
   assert any(np.any(exported[n] != teacher[n]) for n in teacher if not n.endswith('resample_filter'))
+
+
+def test_student_workdir_converts_and_loads_as_teacher(reference_run, tmp_path):
+  """The convert CLI exports a student workdir; load_teacher reads it (second-stage teacher)."""
+  from sfd_jax import convert, teacher as teacher_lib, torch_format
+  out = tmp_path / 'student.pt'
+  assert convert.main([f'--src={reference_run[0]}', f'--dst={out}']) == 0
+  exported = torch_format.load_state_dict(out)
+  _, params, _ = params_of(reference_run[0])
+  for name, value in params.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  loaded = teacher_lib.load_teacher(reference_run[0])
+  assert loaded.config.use_step_condition
+  x = np.zeros((1, 16, 16, 3), np.float32)
+  assert np.all(np.isfinite(np.asarray(loaded.denoise(loaded.params, x, 1.0))))
