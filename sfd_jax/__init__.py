@@ -1,3 +1,13 @@
 """sfd_jax: Simple and Fast Distillation of EDM diffusion models, in JAX/Flax."""
 
 __version__ = "0.1.0"
+
+__all__ = ["load_teacher", "Teacher"]
+
+
+def __getattr__(name):
+    # Lazy, so that `import sfd_jax` (and the CLIs' flag errors) stay fast.
+    if name in __all__:
+        from sfd_jax import teacher
+        return getattr(teacher, name)
+    raise AttributeError(f"module 'sfd_jax' has no attribute {name!r}")

@@ -340,3 +340,13 @@ def test_convert_cli_errors(tmp_path):
 
     result = _run(["-m", "sfd_jax.convert", f"--src={_pkl(EDM_NAMES[0])}"])
     assert result.returncode == 2 and "--dst" in result.stderr
+
+
+def test_top_level_load_teacher():
+    """`sfd_jax.load_teacher` is the documented entry point (lazy import of the teacher module)."""
+    import sfd_jax
+    loaded = sfd_jax.load_teacher(EDM_FIXTURES / "edm_ddpmpp_uncond.pkl")
+    assert isinstance(loaded, sfd_jax.Teacher)
+    assert networks.count_params(loaded.params) == 189491
+    with pytest.raises(AttributeError):
+        sfd_jax.no_such_thing
