@@ -6,8 +6,8 @@ __all__ = ["load_teacher", "Teacher"]
 
 
 def __getattr__(name):
-    # Lazy, so that `import sfd_jax` (and the CLIs' flag errors) stay fast.
-    if name in __all__:
-        from sfd_jax import teacher
-        return getattr(teacher, name)
-    raise AttributeError(f"module 'sfd_jax' has no attribute {name!r}")
+  # Lazy, so that `import sfd_jax` (and the CLIs' flag errors) stay fast.
+  if name in __all__:
+    from sfd_jax import teacher
+    return getattr(teacher, name)
+  raise AttributeError(f"module 'sfd_jax' has no attribute {name!r}")

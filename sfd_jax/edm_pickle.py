@@ -35,30 +35,30 @@ _Malformed = CorruptDataError
 
 
 class EDMPickleError(ValueError):
-    """An EDM snapshot pickle is unreadable, refused or not what it claims to be."""
+  """An EDM snapshot pickle is unreadable, refused or not what it claims to be."""
 
 
 @dataclasses.dataclass
 class EDMSnapshot:
-    """The parts of an EDM snapshot pickle that a converter needs, as plain data.
+  """The parts of an EDM snapshot pickle that a converter needs, as plain data.
 
-    Attributes:
-      path: the file read.
-      precond_class: class name of the `ema` network, e.g. 'EDMPrecond'.
-      init_kwargs: the network's constructor kwargs (`_init_kwargs`, positional arguments
-        named), plain Python values.
-      state_dict: torch `state_dict()` of `ema`: torch names and order, torch layouts
-        (NCHW / OIHW / [out, in]); floating tensors as float32.
-      other: the other snapshot entries (`loss_fn`, `augment_pipe`, `dataset_kwargs`, ...)
-        as plain data (persistent objects become {'class_name', 'init_kwargs'}), plus
-        'ema_attributes': the scalar attributes of the `ema` object (e.g. sigma_data).
-    """
+  Attributes:
+    path: the file read.
+    precond_class: class name of the `ema` network, e.g. 'EDMPrecond'.
+    init_kwargs: the network's constructor kwargs (`_init_kwargs`, positional arguments
+      named), plain Python values.
+    state_dict: torch `state_dict()` of `ema`: torch names and order, torch layouts
+      (NCHW / OIHW / [out, in]); floating tensors as float32.
+    other: the other snapshot entries (`loss_fn`, `augment_pipe`, `dataset_kwargs`, ...)
+      as plain data (persistent objects become {'class_name', 'init_kwargs'}), plus
+      'ema_attributes': the scalar attributes of the `ema` object (e.g. sigma_data).
+  """
 
-    path: str
-    precond_class: str
-    init_kwargs: dict
-    state_dict: "collections.OrderedDict[str, np.ndarray]"
-    other: dict
+  path: str
+  precond_class: str
+  init_kwargs: dict
+  state_dict: "collections.OrderedDict[str, np.ndarray]"
+  other: dict
 
 
 # ----------------------------------------------------------------------------------------
@@ -67,69 +67,69 @@ class EDMSnapshot:
 
 @dataclasses.dataclass
 class PersistentObject:
-    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` stands for.
+  """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` stands for.
 
-    Only the class name and the pickled `__dict__` are kept; `meta['module_src']` is dropped
-    without being looked at.
-    """
+  Only the class name and the pickled `__dict__` are kept; `meta['module_src']` is dropped
+  without being looked at.
+  """
 
-    class_name: str
-    state: dict
+  class_name: str
+  state: dict
 
 
 class ModuleDictStandIn:
-    """Takes the place of `torch.nn.ModuleDict`: an object that only records its state."""
+  """Takes the place of `torch.nn.ModuleDict`: an object that only records its state."""
 
-    def __init__(self):
-        self.state = {}
+  def __init__(self):
+    self.state = {}
 
-    def __setstate__(self, state):
-        self.state = state if isinstance(state, dict) else {}
+  def __setstate__(self, state):
+    self.state = state if isinstance(state, dict) else {}
 
 
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
-    """A torch storage class named inside a legacy storage stream."""
+  """A torch storage class named inside a legacy storage stream."""
 
-    name: str
+  name: str
 
 
 def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise _Malformed("persistent object metadata is not of type 'class'")
-    class_name, state = meta.get("class_name"), meta.get("state")
-    if not isinstance(class_name, str) or not isinstance(state, dict):
-        raise _Malformed("persistent object metadata lacks class_name/state")
-    return PersistentObject(class_name=class_name, state=state)
+  if not isinstance(meta, dict) or meta.get("type") != "class":
+    raise _Malformed("persistent object metadata is not of type 'class'")
+  class_name, state = meta.get("class_name"), meta.get("state")
+  if not isinstance(class_name, str) or not isinstance(state, dict):
+    raise _Malformed("persistent object metadata lacks class_name/state")
+  return PersistentObject(class_name=class_name, state=state)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    del requires_grad, backward_hooks, metadata  # Training-time flags: irrelevant here.
-    return rebuild_tensor(storage, storage_offset, size, stride)
+  del requires_grad, backward_hooks, metadata  # Training-time flags: irrelevant here.
+  return rebuild_tensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    del requires_grad, backward_hooks, state
-    if not isinstance(data, np.ndarray):
-        raise _Malformed("parameter data is not a tensor")
-    return data
+  del requires_grad, backward_hooks, state
+  if not isinstance(data, np.ndarray):
+    raise _Malformed("parameter data is not a tensor")
+  return data
 
 
 def _numpy_dtype(spec, align=False, copy=False):
-    del align, copy
-    if not isinstance(spec, str):
-        raise _Malformed(f"numpy dtype spec {spec!r} is not a string")
-    dtype = np.dtype(spec)
-    if dtype.kind not in "biufc":
-        raise _Malformed(f"numpy dtype {spec!r} is not numeric")
-    return dtype
+  del align, copy
+  if not isinstance(spec, str):
+    raise _Malformed(f"numpy dtype spec {spec!r} is not a string")
+  dtype = np.dtype(spec)
+  if dtype.kind not in "biufc":
+    raise _Malformed(f"numpy dtype {spec!r} is not numeric")
+  return dtype
 
 
 def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise _Malformed("bad numpy scalar")
-    return np.frombuffer(data, dtype)[0].item()
+  if not isinstance(dtype, np.dtype) or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+    raise _Malformed("bad numpy scalar")
+  return np.frombuffer(data, dtype)[0].item()
 
 
 
@@ -138,75 +138,75 @@ def _numpy_scalar(dtype, data=None):
 
 
 class _LegacyUnpickler(pickle.Unpickler):
-    """Reads one record of a legacy storage stream; admits only torch storage classes."""
+  """Reads one record of a legacy storage stream; admits only torch storage classes."""
 
-    def __init__(self, file, storages):
-        super().__init__(file)
-        self._storages = storages
+  def __init__(self, file, storages):
+    super().__init__(file)
+    self._storages = storages
 
-    def find_class(self, module, name):
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name.endswith("Storage"):
-            raise _Malformed(f"unsupported tensor storage type torch.{name} "
-                             f"(supported: {', '.join(STORAGE_DTYPES)})")
-        raise _Refused(f"{module}.{name}")
+  def find_class(self, module, name):
+    if module == "torch" and name in STORAGE_DTYPES:
+      return _StorageType(name)
+    if module == "torch" and name.endswith("Storage"):
+      raise _Malformed(f"unsupported tensor storage type torch.{name} "
+                       f"(supported: {', '.join(STORAGE_DTYPES)})")
+    raise _Refused(f"{module}.{name}")
 
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise _Malformed(f"unexpected persistent id in storage stream: {pid!r:.80}")
-        storage_type, key, _, numel = pid[1:5]
-        if len(pid) > 5 and pid[5] is not None:
-            raise _Malformed("storage views (torch < 1.0 files) are not supported")
-        if not isinstance(storage_type, _StorageType):
-            raise _Malformed(f"unknown storage type {storage_type!r:.80}")
-        self._storages[key] = (STORAGE_DTYPES[storage_type.name], numel)
-        return key
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+      raise _Malformed(f"unexpected persistent id in storage stream: {pid!r:.80}")
+    storage_type, key, _, numel = pid[1:5]
+    if len(pid) > 5 and pid[5] is not None:
+      raise _Malformed("storage views (torch < 1.0 files) are not supported")
+    if not isinstance(storage_type, _StorageType):
+      raise _Malformed(f"unknown storage type {storage_type!r:.80}")
+    self._storages[key] = (STORAGE_DTYPES[storage_type.name], numel)
+    return key
 
 
 def _load_legacy_storage(payload: bytes) -> np.ndarray:
-    """Decodes a `torch.storage._load_from_bytes` payload into a 1-D numpy array."""
-    if not isinstance(payload, bytes):
-        raise _Malformed("storage payload is not bytes")
-    if payload[:2] == b"PK":
-        raise _Malformed("zip-format storage payloads are not supported (expected legacy torch.save)")
-    stream = io.BytesIO(payload)
-    storages = {}
+  """Decodes a `torch.storage._load_from_bytes` payload into a 1-D numpy array."""
+  if not isinstance(payload, bytes):
+    raise _Malformed("storage payload is not bytes")
+  if payload[:2] == b"PK":
+    raise _Malformed("zip-format storage payloads are not supported (expected legacy torch.save)")
+  stream = io.BytesIO(payload)
+  storages = {}
 
-    def record():
-        return _LegacyUnpickler(stream, storages).load()
+  def record():
+    return _LegacyUnpickler(stream, storages).load()
 
-    if record() != _LEGACY_MAGIC:
-        raise _Malformed("storage payload lacks torch's legacy magic number")
-    if record() != _LEGACY_PROTOCOL:
-        raise _Malformed("storage payload has an unknown legacy protocol version")
-    sys_info = record()
-    little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
-    key = record()
-    keys = record()
-    if key not in storages or not isinstance(keys, list):
-        raise _Malformed("storage payload does not describe one storage")
-    arrays = {}
-    for k in keys:
-        dtype, numel = storages[k]
-        dtype = dtype if little else dtype.newbyteorder(">")
-        (count,) = struct.unpack("<q" if little else ">q", _read_exact(stream, 8))
-        if count != numel:
-            raise _Malformed(f"storage {k} holds {count} elements, header says {numel}")
-        data = _read_exact(stream, count * dtype.itemsize)
-        arrays[k] = np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
-    return arrays[key]
+  if record() != _LEGACY_MAGIC:
+    raise _Malformed("storage payload lacks torch's legacy magic number")
+  if record() != _LEGACY_PROTOCOL:
+    raise _Malformed("storage payload has an unknown legacy protocol version")
+  sys_info = record()
+  little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+  key = record()
+  keys = record()
+  if key not in storages or not isinstance(keys, list):
+    raise _Malformed("storage payload does not describe one storage")
+  arrays = {}
+  for k in keys:
+    dtype, numel = storages[k]
+    dtype = dtype if little else dtype.newbyteorder(">")
+    (count,) = struct.unpack("<q" if little else ">q", _read_exact(stream, 8))
+    if count != numel:
+      raise _Malformed(f"storage {k} holds {count} elements, header says {numel}")
+    data = _read_exact(stream, count * dtype.itemsize)
+    arrays[k] = np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
+  return arrays[key]
 
 
 def _read_exact(stream, n):
-    data = stream.read(n)
-    if len(data) != n:
-        raise _Malformed("storage payload is truncated")
-    return data
+  data = stream.read(n)
+  if len(data) != n:
+    raise _Malformed("storage payload is truncated")
+  return data
 
 
 def _load_from_bytes(payload):
-    return _load_legacy_storage(payload)
+  return _load_legacy_storage(payload)
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,145 +227,145 @@ SAFE_GLOBALS = {
 
 
 class _Refused(Exception):
-    """Raised when a pickle names a global outside `SAFE_GLOBALS`."""
+  """Raised when a pickle names a global outside `SAFE_GLOBALS`."""
 
 
 class _SnapshotUnpickler(pickle.Unpickler):
-    """Maps the globals EDM snapshots use to the stand-ins above and refuses all others."""
+  """Maps the globals EDM snapshots use to the stand-ins above and refuses all others."""
 
-    def find_class(self, module, name):
-        try:
-            return SAFE_GLOBALS[(module, name)]
-        except KeyError:
-            raise _Refused(f"{module}.{name}") from None
+  def find_class(self, module, name):
+    try:
+      return SAFE_GLOBALS[(module, name)]
+    except KeyError:
+      raise _Refused(f"{module}.{name}") from None
 
-    def persistent_load(self, pid):
-        raise _Malformed("unexpected persistent id in snapshot pickle")
+  def persistent_load(self, pid):
+    raise _Malformed("unexpected persistent id in snapshot pickle")
 
 
 def load_snapshot_objects(path) -> Any:
-    """Unpickles an EDM snapshot into stand-in objects (no torch, nothing executed).
+  """Unpickles an EDM snapshot into stand-in objects (no torch, nothing executed).
 
-    Args:
-      path: an EDM snapshot `.pkl`.
+  Args:
+    path: an EDM snapshot `.pkl`.
 
-    Returns:
-      The unpickled object (for a snapshot, a dict with key 'ema'); networks are
-      `PersistentObject`s, tensors numpy arrays in torch layout.
+  Returns:
+    The unpickled object (for a snapshot, a dict with key 'ema'); networks are
+    `PersistentObject`s, tensors numpy arrays in torch layout.
 
-    Raises:
-      FileNotFoundError: no such file.
-      EDMPickleError: not a pickle, truncated/corrupt, or a refused global.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(2)
-        if head[:2] == b"PK":
-            raise EDMPickleError(f"{path}: is a zip archive (a torch.save file?), not an EDM snapshot pickle")
-        if len(head) < 2 or head[0] != pickle.PROTO[0]:
-            raise EDMPickleError(f"{path}: not a pickle file (no pickle protocol header)")
-        f.seek(0)
-        try:
-            return _SnapshotUnpickler(f).load()
-        except _Refused as e:
-            raise EDMPickleError(f"{path}: refused global {e} (not used by EDM snapshots)") from None
-        except _Malformed as e:
-            raise EDMPickleError(f"{path}: corrupt EDM snapshot: {e}") from None
-        except (EOFError, pickle.UnpicklingError) as e:
-            raise EDMPickleError(f"{path}: truncated or corrupt pickle ({e or type(e).__name__})") from None
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error,
-                MemoryError, RecursionError) as e:
-            raise EDMPickleError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+  Raises:
+    FileNotFoundError: no such file.
+    EDMPickleError: not a pickle, truncated/corrupt, or a refused global.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with open(path, "rb") as f:
+    head = f.read(2)
+    if head[:2] == b"PK":
+      raise EDMPickleError(f"{path}: is a zip archive (a torch.save file?), not an EDM snapshot pickle")
+    if len(head) < 2 or head[0] != pickle.PROTO[0]:
+      raise EDMPickleError(f"{path}: not a pickle file (no pickle protocol header)")
+    f.seek(0)
+    try:
+      return _SnapshotUnpickler(f).load()
+    except _Refused as e:
+      raise EDMPickleError(f"{path}: refused global {e} (not used by EDM snapshots)") from None
+    except _Malformed as e:
+      raise EDMPickleError(f"{path}: corrupt EDM snapshot: {e}") from None
+    except (EOFError, pickle.UnpicklingError) as e:
+      raise EDMPickleError(f"{path}: truncated or corrupt pickle ({e or type(e).__name__})") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error,
+            MemoryError, RecursionError) as e:
+      raise EDMPickleError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
 
 
 def _module_state_dict(obj, prefix, out, path):
-    """Appends `obj`'s parameters and persistent buffers, then its children's, torch-style."""
-    if not isinstance(obj, (PersistentObject, ModuleDictStandIn)):
-        raise EDMPickleError(f"{path}: {prefix.rstrip('.') or 'ema'} is not a torch module")
-    state = obj.state
-    skip = set(state.get("_non_persistent_buffers_set", ()))
-    entries = list(state.get("_parameters", {}).items())
-    entries += [(k, v) for k, v in state.get("_buffers", {}).items() if k not in skip]
-    for name, value in entries:
-        if value is None:
-            continue
-        if not isinstance(value, np.ndarray):
-            raise EDMPickleError(f"{path}: {prefix}{name} is not a tensor")
-        if value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16:
-            value = value.astype(np.float32)
-        out[prefix + name] = value
-    for name, child in state.get("_modules", {}).items():
-        if child is not None:
-            _module_state_dict(child, f"{prefix}{name}.", out, path)
+  """Appends `obj`'s parameters and persistent buffers, then its children's, torch-style."""
+  if not isinstance(obj, (PersistentObject, ModuleDictStandIn)):
+    raise EDMPickleError(f"{path}: {prefix.rstrip('.') or 'ema'} is not a torch module")
+  state = obj.state
+  skip = set(state.get("_non_persistent_buffers_set", ()))
+  entries = list(state.get("_parameters", {}).items())
+  entries += [(k, v) for k, v in state.get("_buffers", {}).items() if k not in skip]
+  for name, value in entries:
+    if value is None:
+      continue
+    if not isinstance(value, np.ndarray):
+      raise EDMPickleError(f"{path}: {prefix}{name} is not a tensor")
+    if value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16:
+      value = value.astype(np.float32)
+    out[prefix + name] = value
+  for name, child in state.get("_modules", {}).items():
+    if child is not None:
+      _module_state_dict(child, f"{prefix}{name}.", out, path)
 
 
 def _plain(value):
-    """Turns unpickled values into plain Python data (persistent objects summarised)."""
-    if isinstance(value, PersistentObject):
-        return {"class_name": value.class_name,
-                "init_kwargs": _plain(value.state.get("_init_kwargs", {}))}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (str, int, float, bool, bytes)):
-        return value
-    return f"<{type(value).__name__}>"
+  """Turns unpickled values into plain Python data (persistent objects summarised)."""
+  if isinstance(value, PersistentObject):
+    return {"class_name": value.class_name,
+            "init_kwargs": _plain(value.state.get("_init_kwargs", {}))}
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_plain(v) for v in value)
+  if isinstance(value, np.generic):
+    return value.item()
+  if value is None or isinstance(value, (str, int, float, bool, bytes)):
+    return value
+  return f"<{type(value).__name__}>"
 
 
 def _init_kwargs(ema, path):
-    kwargs = dict(ema.state.get("_init_kwargs") or {})
-    args = tuple(ema.state.get("_init_args") or ())
-    if len(args) > len(_PRECOND_POSITIONAL):
-        raise EDMPickleError(f"{path}: ema was built with {len(args)} positional arguments; "
-                             f"at most {len(_PRECOND_POSITIONAL)} are understood")
-    kwargs.update(zip(_PRECOND_POSITIONAL, args))
-    return _plain(kwargs)
+  kwargs = dict(ema.state.get("_init_kwargs") or {})
+  args = tuple(ema.state.get("_init_args") or ())
+  if len(args) > len(_PRECOND_POSITIONAL):
+    raise EDMPickleError(f"{path}: ema was built with {len(args)} positional arguments; "
+                         f"at most {len(_PRECOND_POSITIONAL)} are understood")
+  kwargs.update(zip(_PRECOND_POSITIONAL, args))
+  return _plain(kwargs)
 
 
 def _scalar_attributes(state):
-    return {k: v for k, v in state.items()
-            if not k.startswith("_") and isinstance(v, (int, float, str)) and k != "training"}
+  return {k: v for k, v in state.items()
+          if not k.startswith("_") and isinstance(v, (int, float, str)) and k != "training"}
 
 
 def read_edm_snapshot(path) -> EDMSnapshot:
-    """Reads an EDM snapshot pickle without torch and without executing anything from it.
+  """Reads an EDM snapshot pickle without torch and without executing anything from it.
 
-    Args:
-      path: an EDM snapshot `.pkl` (training snapshot or released model).
+  Args:
+    path: an EDM snapshot `.pkl` (training snapshot or released model).
 
-    Returns:
-      The `EDMSnapshot`: precond class, constructor kwargs and torch-named state dict.
+  Returns:
+    The `EDMSnapshot`: precond class, constructor kwargs and torch-named state dict.
 
-    Raises:
-      FileNotFoundError: no such file.
-      EDMPickleError: with a one-line message naming the file, if the file is not a pickle,
-        is truncated, names a global EDM snapshots do not use, has no `ema` entry, or `ema`
-        is not a known EDM network.
-    """
-    path = os.fspath(path)
-    data = load_snapshot_objects(path)
-    if not isinstance(data, dict) or "ema" not in data:
-        raise EDMPickleError(f"{path}: no 'ema' entry (not an EDM snapshot)")
-    ema = data["ema"]
-    if not isinstance(ema, PersistentObject):
-        raise EDMPickleError(f"{path}: 'ema' is not an EDM network (found {type(ema).__name__})")
-    if ema.class_name not in KNOWN_PRECONDS:
-        raise EDMPickleError(f"{path}: unknown network class '{ema.class_name}' for 'ema' "
-                             f"(known: {', '.join(KNOWN_PRECONDS)})")
-    model = ema.state.get("_modules", {}).get("model")
-    if not isinstance(model, PersistentObject):
-        raise EDMPickleError(f"{path}: 'ema' ({ema.class_name}) has no EDM 'model' submodule")
-    if model.class_name not in KNOWN_MODELS:
-        raise EDMPickleError(f"{path}: unknown model class '{model.class_name}' in 'ema.model' "
-                             f"(known: {', '.join(KNOWN_MODELS)})")
-    state_dict = collections.OrderedDict()
-    _module_state_dict(ema, "", state_dict, path)
-    other = {k: _plain(v) for k, v in data.items() if k != "ema"}
-    other["ema_attributes"] = _plain(_scalar_attributes(ema.state))
-    return EDMSnapshot(path=path, precond_class=ema.class_name, init_kwargs=_init_kwargs(ema, path),
-                       state_dict=state_dict, other=other)
+  Raises:
+    FileNotFoundError: no such file.
+    EDMPickleError: with a one-line message naming the file, if the file is not a pickle,
+      is truncated, names a global EDM snapshots do not use, has no `ema` entry, or `ema`
+      is not a known EDM network.
+  """
+  path = os.fspath(path)
+  data = load_snapshot_objects(path)
+  if not isinstance(data, dict) or "ema" not in data:
+    raise EDMPickleError(f"{path}: no 'ema' entry (not an EDM snapshot)")
+  ema = data["ema"]
+  if not isinstance(ema, PersistentObject):
+    raise EDMPickleError(f"{path}: 'ema' is not an EDM network (found {type(ema).__name__})")
+  if ema.class_name not in KNOWN_PRECONDS:
+    raise EDMPickleError(f"{path}: unknown network class '{ema.class_name}' for 'ema' "
+                         f"(known: {', '.join(KNOWN_PRECONDS)})")
+  model = ema.state.get("_modules", {}).get("model")
+  if not isinstance(model, PersistentObject):
+    raise EDMPickleError(f"{path}: 'ema' ({ema.class_name}) has no EDM 'model' submodule")
+  if model.class_name not in KNOWN_MODELS:
+    raise EDMPickleError(f"{path}: unknown model class '{model.class_name}' in 'ema.model' "
+                         f"(known: {', '.join(KNOWN_MODELS)})")
+  state_dict = collections.OrderedDict()
+  _module_state_dict(ema, "", state_dict, path)
+  other = {k: _plain(v) for k, v in data.items() if k != "ema"}
+  other["ema_attributes"] = _plain(_scalar_attributes(ema.state))
+  return EDMSnapshot(path=path, precond_class=ema.class_name, init_kwargs=_init_kwargs(ema, path),
+                     state_dict=state_dict, other=other)

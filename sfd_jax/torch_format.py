@@ -37,38 +37,38 @@ _PAD_FIELD_ID = 0x4246  # "FB": the zip extra-field id torch uses for that paddi
 
 
 class TorchFormatError(ValueError):
-    """A `.pt` file cannot be written or read as a plain state dict."""
+  """A `.pt` file cannot be written or read as a plain state dict."""
 
 
 class CorruptDataError(Exception):
-    """Raised while unpickling malformed tensor data; callers re-raise it naming the file."""
+  """Raised while unpickling malformed tensor data; callers re-raise it naming the file."""
 
 
 _Malformed = CorruptDataError
 
 
 def rebuild_tensor(storage: np.ndarray, offset, size, stride) -> np.ndarray:
-    """Copies the strided view `(offset, size, stride)` (in elements) out of a 1-D storage.
+  """Copies the strided view `(offset, size, stride)` (in elements) out of a 1-D storage.
 
-    Raises:
-      CorruptDataError: geometry that is not a valid view of `storage`.
-    """
-    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-        raise _Malformed("tensor storage is not a torch storage")
-    size, stride = tuple(size), tuple(stride)
-    if len(size) != len(stride) or any(not isinstance(v, int) or v < 0 for v in size + stride):
-        raise _Malformed(f"bad tensor geometry size={size} stride={stride}")
-    if not isinstance(offset, int) or offset < 0:
-        raise _Malformed(f"bad tensor storage offset {offset!r}")
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-        raise _Malformed(f"tensor of size {size} reads past its storage of {storage.size} elements")
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
-    return np.array(view, copy=True)
+  Raises:
+    CorruptDataError: geometry that is not a valid view of `storage`.
+  """
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise _Malformed("tensor storage is not a torch storage")
+  size, stride = tuple(size), tuple(stride)
+  if len(size) != len(stride) or any(not isinstance(v, int) or v < 0 for v in size + stride):
+    raise _Malformed(f"bad tensor geometry size={size} stride={stride}")
+  if not isinstance(offset, int) or offset < 0:
+    raise _Malformed(f"bad tensor storage offset {offset!r}")
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:
+    raise _Malformed(f"tensor of size {size} reads past its storage of {storage.size} elements")
+  item = storage.dtype.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
+  return np.array(view, copy=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -77,85 +77,85 @@ def rebuild_tensor(storage: np.ndarray, offset, size, stride) -> np.ndarray:
 
 
 def _op_int(n: int) -> bytes:
-    if 0 <= n < 2**8:
-        return b"K" + bytes([n])
-    if 0 <= n < 2**16:
-        return b"M" + n.to_bytes(2, "little")
-    if -2**31 <= n < 2**31:
-        return b"J" + n.to_bytes(4, "little", signed=True)
-    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(data)]) + data
+  if 0 <= n < 2**8:
+    return b"K" + bytes([n])
+  if 0 <= n < 2**16:
+    return b"M" + n.to_bytes(2, "little")
+  if -2**31 <= n < 2**31:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+  data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+  return b"\x8a" + bytes([len(data)]) + data
 
 
 def _op_str(s: str) -> bytes:
-    data = s.encode("utf-8")
-    return b"X" + struct.pack("<I", len(data)) + data
+  data = s.encode("utf-8")
+  return b"X" + struct.pack("<I", len(data)) + data
 
 
 def _op_tuple(items) -> bytes:
-    return b"(" + b"".join(items) + b"t"
+  return b"(" + b"".join(items) + b"t"
 
 
 def _op_global(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+  return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
 _EMPTY_ORDERED_DICT = _op_global("collections", "OrderedDict") + b")R"
 
 
 def _tensor_ops(key: str, array: np.ndarray) -> bytes:
-    """`_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())` for `array`."""
-    storage_id = _op_tuple([_op_str("storage"), _op_global("torch", _STORAGE_NAMES[array.dtype]),
-                            _op_str(key), _op_str("cpu"), _op_int(array.size)]) + b"Q"
-    size = _op_tuple(_op_int(n) for n in array.shape)
-    stride = _op_tuple(_op_int(s // array.itemsize) for s in array.strides)
-    args = _op_tuple([storage_id, _op_int(0), size, stride, b"\x89", _EMPTY_ORDERED_DICT])
-    return _op_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
+  """`_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())` for `array`."""
+  storage_id = _op_tuple([_op_str("storage"), _op_global("torch", _STORAGE_NAMES[array.dtype]),
+                          _op_str(key), _op_str("cpu"), _op_int(array.size)]) + b"Q"
+  size = _op_tuple(_op_int(n) for n in array.shape)
+  stride = _op_tuple(_op_int(s // array.itemsize) for s in array.strides)
+  args = _op_tuple([storage_id, _op_int(0), size, stride, b"\x89", _EMPTY_ORDERED_DICT])
+  return _op_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
 
 
 def _state_dict_pickle(arrays: Mapping[str, np.ndarray]) -> bytes:
-    items = b"".join(_op_str(name) + _tensor_ops(str(i), a) for i, (name, a) in enumerate(arrays.items()))
-    return b"\x80\x02" + _EMPTY_ORDERED_DICT + b"(" + items + b"u."
+  items = b"".join(_op_str(name) + _tensor_ops(str(i), a) for i, (name, a) in enumerate(arrays.items()))
+  return b"\x80\x02" + _EMPTY_ORDERED_DICT + b"(" + items + b"u."
 
 
 def _as_storable(name, value, path) -> np.ndarray:
-    array = np.asarray(value, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d.)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    if array.dtype not in _STORAGE_NAMES:
-        raise TorchFormatError(f"{path}: tensor {name!r} has dtype {array.dtype}, which has no torch storage type")
-    return array
+  array = np.asarray(value, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d.)
+  if array.dtype.byteorder == ">":
+    array = array.astype(array.dtype.newbyteorder("<"))
+  if array.dtype not in _STORAGE_NAMES:
+    raise TorchFormatError(f"{path}: tensor {name!r} has dtype {array.dtype}, which has no torch storage type")
+  return array
 
 
 def _write_record(archive: zipfile.ZipFile, name: str, data: bytes, offset: int) -> None:
-    info = zipfile.ZipInfo(f"{_ARCHIVE}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    header = 30 + len(info.filename.encode())
-    pad = -(offset + header + 4) % _ALIGNMENT
-    info.extra = struct.pack("<HH", _PAD_FIELD_ID, pad) + b"\0" * pad
-    archive.writestr(info, data)
+  info = zipfile.ZipInfo(f"{_ARCHIVE}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+  info.compress_type = zipfile.ZIP_STORED
+  header = 30 + len(info.filename.encode())
+  pad = -(offset + header + 4) % _ALIGNMENT
+  info.extra = struct.pack("<HH", _PAD_FIELD_ID, pad) + b"\0" * pad
+  archive.writestr(info, data)
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> None:
-    """Writes `{name: array}` as a torch zip-format `.pt` state dict, without torch.
+  """Writes `{name: array}` as a torch zip-format `.pt` state dict, without torch.
 
-    Args:
-      state_dict: tensor names (torch naming) to arrays in torch layout (NCHW / OIHW /
-        [out, in]); numpy or jax arrays of a dtype torch has a storage for.
-      path: the `.pt` file to write (its folder must exist).
+  Args:
+    state_dict: tensor names (torch naming) to arrays in torch layout (NCHW / OIHW /
+      [out, in]); numpy or jax arrays of a dtype torch has a storage for.
+    path: the `.pt` file to write (its folder must exist).
 
-    Raises:
-      TorchFormatError: a tensor whose dtype torch cannot store.
-    """
-    path = os.fspath(path)
-    arrays = collections.OrderedDict(
-        (str(name), _as_storable(name, value, path)) for name, value in state_dict.items())
-    records = [("data.pkl", _state_dict_pickle(arrays)), ("byteorder", b"little")]
-    records += [(f"data/{i}", a.tobytes()) for i, a in enumerate(arrays.values())]
-    records += [("version", b"3\n")]
-    with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in records:
-            _write_record(archive, name, data, f.tell())
+  Raises:
+    TorchFormatError: a tensor whose dtype torch cannot store.
+  """
+  path = os.fspath(path)
+  arrays = collections.OrderedDict(
+      (str(name), _as_storable(name, value, path)) for name, value in state_dict.items())
+  records = [("data.pkl", _state_dict_pickle(arrays)), ("byteorder", b"little")]
+  records += [(f"data/{i}", a.tobytes()) for i, a in enumerate(arrays.values())]
+  records += [("version", b"3\n")]
+  with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+    for name, data in records:
+      _write_record(archive, name, data, f.tell())
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,107 +163,107 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> None:
 
 
 class _StorageType:
-    def __init__(self, name):
-        self.name = name
+  def __init__(self, name):
+    self.name = name
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Admits only what a saved state dict references; storages come from the zip records."""
+  """Admits only what a saved state dict references; storages come from the zip records."""
 
-    def __init__(self, file, load_storage):
-        super().__init__(file)
-        self._load_storage = load_storage
-        self._storages = {}
+  def __init__(self, file, load_storage):
+    super().__init__(file)
+    self._load_storage = load_storage
+    self._storages = {}
 
-    def find_class(self, module, name):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor_v2
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return _rebuild_parameter
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name.endswith("Storage"):
-            raise _Malformed(f"unsupported tensor storage type torch.{name}")
-        raise _Refused(f"{module}.{name}")
+  def find_class(self, module, name):
+    if (module, name) == ("collections", "OrderedDict"):
+      return collections.OrderedDict
+    if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+      return _rebuild_tensor_v2
+    if (module, name) == ("torch._utils", "_rebuild_parameter"):
+      return _rebuild_parameter
+    if module == "torch" and name in STORAGE_DTYPES:
+      return _StorageType(name)
+    if module == "torch" and name.endswith("Storage"):
+      raise _Malformed(f"unsupported tensor storage type torch.{name}")
+    raise _Refused(f"{module}.{name}")
 
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise _Malformed(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _, numel = pid
-        if key not in self._storages:
-            self._storages[key] = self._load_storage(str(key), STORAGE_DTYPES[storage_type.name], numel)
-        return self._storages[key]
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)):
+      raise _Malformed(f"unexpected persistent id {pid!r:.80}")
+    _, storage_type, key, _, numel = pid
+    if key not in self._storages:
+      self._storages[key] = self._load_storage(str(key), STORAGE_DTYPES[storage_type.name], numel)
+    return self._storages[key]
 
 
 class _Refused(Exception):
-    pass
+  pass
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    del requires_grad, hooks, metadata
-    return rebuild_tensor(storage, offset, size, stride)
+  del requires_grad, hooks, metadata
+  return rebuild_tensor(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
-    del requires_grad, hooks
-    return data
+  del requires_grad, hooks
+  return data
 
 
 def _archive_prefix(archive: zipfile.ZipFile) -> str:
-    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        raise _Malformed("no <archive>/data.pkl record (not a torch zip-format file)")
-    return pickles[0][: -len("data.pkl")]
+  pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+  if len(pickles) != 1:
+    raise _Malformed("no <archive>/data.pkl record (not a torch zip-format file)")
+  return pickles[0][: -len("data.pkl")]
 
 
 def load_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
-    """Reads a torch zip-format state dict into numpy arrays, without torch.
+  """Reads a torch zip-format state dict into numpy arrays, without torch.
 
-    Args:
-      path: a `.pt` file holding a (possibly ordered) dict of tensors, as written by
-        `torch.save(module.state_dict(), path)` or `save_state_dict`.
+  Args:
+    path: a `.pt` file holding a (possibly ordered) dict of tensors, as written by
+      `torch.save(module.state_dict(), path)` or `save_state_dict`.
 
-    Returns:
-      Tensor names to numpy arrays, in file order, dtypes as stored.
+  Returns:
+    Tensor names to numpy arrays, in file order, dtypes as stored.
 
-    Raises:
-      FileNotFoundError: no such file.
-      TorchFormatError: not a torch zip file, a refused global, or not a dict of tensors.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise TorchFormatError(f"{path}: not a torch zip-format .pt file")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            prefix = _archive_prefix(archive)
-            little = _byteorder(archive, prefix) == "little"
+  Raises:
+    FileNotFoundError: no such file.
+    TorchFormatError: not a torch zip file, a refused global, or not a dict of tensors.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if not zipfile.is_zipfile(path):
+    raise TorchFormatError(f"{path}: not a torch zip-format .pt file")
+  try:
+    with zipfile.ZipFile(path) as archive:
+      prefix = _archive_prefix(archive)
+      little = _byteorder(archive, prefix) == "little"
 
-            def load_storage(key, dtype, numel):
-                dtype = dtype if little else dtype.newbyteorder(">")
-                data = archive.read(f"{prefix}data/{key}")
-                if len(data) != numel * dtype.itemsize:
-                    raise _Malformed(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
-                return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
+      def load_storage(key, dtype, numel):
+        dtype = dtype if little else dtype.newbyteorder(">")
+        data = archive.read(f"{prefix}data/{key}")
+        if len(data) != numel * dtype.itemsize:
+          raise _Malformed(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
+        return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
 
-            result = _StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
-    except _Refused as e:
-        raise TorchFormatError(f"{path}: refused global {e} (not part of a state dict)") from None
-    except _Malformed as e:
-        raise TorchFormatError(f"{path}: {e}") from None
-    except (EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError) as e:
-        raise TorchFormatError(f"{path}: corrupt .pt file ({type(e).__name__}: {e})") from None
-    if not isinstance(result, dict) or not all(isinstance(v, np.ndarray) for v in result.values()):
-        raise TorchFormatError(f"{path}: does not hold a flat state dict of tensors")
-    return collections.OrderedDict(result)
+      result = _StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
+  except _Refused as e:
+    raise TorchFormatError(f"{path}: refused global {e} (not part of a state dict)") from None
+  except _Malformed as e:
+    raise TorchFormatError(f"{path}: {e}") from None
+  except (EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError) as e:
+    raise TorchFormatError(f"{path}: corrupt .pt file ({type(e).__name__}: {e})") from None
+  if not isinstance(result, dict) or not all(isinstance(v, np.ndarray) for v in result.values()):
+    raise TorchFormatError(f"{path}: does not hold a flat state dict of tensors")
+  return collections.OrderedDict(result)
 
 
 def _byteorder(archive, prefix):
-    try:
-        return archive.read(f"{prefix}byteorder").decode().strip()
-    except KeyError:
-        return "little"  # Files from torch < 1.10 have no byteorder record and are little-endian.
+  try:
+    return archive.read(f"{prefix}byteorder").decode().strip()
+  except KeyError:
+    return "little"  # Files from torch < 1.10 have no byteorder record and are little-endian.

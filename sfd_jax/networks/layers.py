@@ -17,337 +17,337 @@ _NHWC_OIHW = ("NHWC", "OIHW", "NHWC")
 
 
 def weight_init(key, shape, mode: str, fan_in: int, fan_out: int) -> jax.Array:
-    """EDM's weight initialisation (`training/networks.py::weight_init`), float32.
+  """EDM's weight initialisation (`training/networks.py::weight_init`), float32.
 
-    Args:
-      key: PRNG key.
-      shape: shape of the tensor to draw.
-      mode: 'xavier_uniform' | 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal'.
-      fan_in, fan_out: fans of the layer the tensor belongs to.
+  Args:
+    key: PRNG key.
+    shape: shape of the tensor to draw.
+    mode: 'xavier_uniform' | 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal'.
+    fan_in, fan_out: fans of the layer the tensor belongs to.
 
-    Returns:
-      A float32 array of `shape`.
-    """
-    if mode == "xavier_uniform":
-        return np.sqrt(6 / (fan_in + fan_out)) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
-    if mode == "xavier_normal":
-        return np.sqrt(2 / (fan_in + fan_out)) * jax.random.normal(key, shape)
-    if mode == "kaiming_uniform":
-        return np.sqrt(3 / fan_in) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
-    if mode == "kaiming_normal":
-        return np.sqrt(1 / fan_in) * jax.random.normal(key, shape)
-    raise ValueError(f"weight_init: invalid init mode {mode!r}")
+  Returns:
+    A float32 array of `shape`.
+  """
+  if mode == "xavier_uniform":
+    return np.sqrt(6 / (fan_in + fan_out)) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
+  if mode == "xavier_normal":
+    return np.sqrt(2 / (fan_in + fan_out)) * jax.random.normal(key, shape)
+  if mode == "kaiming_uniform":
+    return np.sqrt(3 / fan_in) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
+  if mode == "kaiming_normal":
+    return np.sqrt(1 / fan_in) * jax.random.normal(key, shape)
+  raise ValueError(f"weight_init: invalid init mode {mode!r}")
 
 
 def _scaled_init(mode, fan_in, fan_out, scale):
-    """Initializer for `self.param`: EDM's `weight_init(...) * scale`, float32."""
+  """Initializer for `self.param`: EDM's `weight_init(...) * scale`, float32."""
 
-    def init(key, shape):
-        return (weight_init(key, shape, mode, fan_in, fan_out) * float(scale)).astype(jnp.float32)
+  def init(key, shape):
+    return (weight_init(key, shape, mode, fan_in, fan_out) * float(scale)).astype(jnp.float32)
 
-    return init
+  return init
 
 
 def silu(x):
-    """SiLU, as EDM's `torch.nn.functional.silu`."""
-    return jax.nn.silu(x)
+  """SiLU, as EDM's `torch.nn.functional.silu`."""
+  return jax.nn.silu(x)
 
 
 def compute_dtype(dtype):
-    """The dtype a network runs in for inputs of `dtype`: float32, or float64 under x64."""
-    return jnp.promote_types(dtype, jnp.float32)
+  """The dtype a network runs in for inputs of `dtype`: float32, or float64 under x64."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 class Linear(nn.Module):
-    """Fully connected layer, weight `[out_features, in_features]` (EDM `Linear`)."""
+  """Fully connected layer, weight `[out_features, in_features]` (EDM `Linear`)."""
 
-    in_features: int
-    out_features: int
-    bias: bool = True
-    init_mode: str = "kaiming_normal"
-    init_weight: float = 1.0
-    init_bias: float = 0.0
+  in_features: int
+  out_features: int
+  bias: bool = True
+  init_mode: str = "kaiming_normal"
+  init_weight: float = 1.0
+  init_bias: float = 0.0
 
-    @nn.compact
-    def __call__(self, x):
-        fans = (self.init_mode, self.in_features, self.out_features)
-        w = self.param("weight", _scaled_init(*fans, self.init_weight), (self.out_features, self.in_features))
-        x = x @ w.astype(x.dtype).T
-        if self.bias:
-            b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_features,))
-            x = x + b.astype(x.dtype)
-        return x
+  @nn.compact
+  def __call__(self, x):
+    fans = (self.init_mode, self.in_features, self.out_features)
+    w = self.param("weight", _scaled_init(*fans, self.init_weight), (self.out_features, self.in_features))
+    x = x @ w.astype(x.dtype).T
+    if self.bias:
+      b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_features,))
+      x = x + b.astype(x.dtype)
+    return x
 
 
 def resample_filter_buffer(resample_filter: Sequence[float]) -> np.ndarray:
-    """EDM's 2-D resampling filter `outer(f, f) / sum(f)^2`, shape [1, 1, k, k], float32."""
-    f = np.asarray(resample_filter, dtype=np.float32)
-    return (np.outer(f, f) / np.square(f.sum()))[None, None].astype(np.float32)
+  """EDM's 2-D resampling filter `outer(f, f) / sum(f)^2`, shape [1, 1, k, k], float32."""
+  f = np.asarray(resample_filter, dtype=np.float32)
+  return (np.outer(f, f) / np.square(f.sum()))[None, None].astype(np.float32)
 
 
 def _conv(x, w, padding, stride=1, groups=1):
-    """NHWC x OIHW cross-correlation with symmetric zero padding (torch `conv2d`)."""
-    return lax.conv_general_dilated(
-        x, w, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-        dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
+  """NHWC x OIHW cross-correlation with symmetric zero padding (torch `conv2d`)."""
+  return lax.conv_general_dilated(
+      x, w, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
 
 
 def _conv_transpose_stride2(x, w, padding, groups):
-    """torch `conv_transpose2d(x, w, stride=2, padding=padding, groups=groups)` for OIHW
-    depthwise `w` ([C, 1, k, k]): a stride-1 convolution of the 2x-dilated input with the
-    spatially flipped kernel."""
-    k = w.shape[-1]
-    pad = k - 1 - padding
-    return lax.conv_general_dilated(
-        x, w[:, :, ::-1, ::-1], window_strides=(1, 1), padding=[(pad, pad)] * 2,
-        lhs_dilation=(2, 2), dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
+  """torch `conv_transpose2d(x, w, stride=2, padding=padding, groups=groups)` for OIHW
+  depthwise `w` ([C, 1, k, k]): a stride-1 convolution of the 2x-dilated input with the
+  spatially flipped kernel."""
+  k = w.shape[-1]
+  pad = k - 1 - padding
+  return lax.conv_general_dilated(
+      x, w[:, :, ::-1, ::-1], window_strides=(1, 1), padding=[(pad, pad)] * 2,
+      lhs_dilation=(2, 2), dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
 
 
 class Conv2d(nn.Module):
-    """Convolution with optional 2x up/down-sampling by a fixed FIR filter (EDM `Conv2d`).
+  """Convolution with optional 2x up/down-sampling by a fixed FIR filter (EDM `Conv2d`).
 
-    `kernel=0` gives a pure resampling layer with no weights.
-    """
+  `kernel=0` gives a pure resampling layer with no weights.
+  """
 
-    in_channels: int
-    out_channels: int
-    kernel: int
-    bias: bool = True
-    up: bool = False
-    down: bool = False
-    resample_filter: Sequence[int] = (1, 1)
-    fused_resample: bool = False
-    init_mode: str = "kaiming_normal"
-    init_weight: float = 1.0
-    init_bias: float = 0.0
+  in_channels: int
+  out_channels: int
+  kernel: int
+  bias: bool = True
+  up: bool = False
+  down: bool = False
+  resample_filter: Sequence[int] = (1, 1)
+  fused_resample: bool = False
+  init_mode: str = "kaiming_normal"
+  init_weight: float = 1.0
+  init_bias: float = 0.0
 
-    @nn.compact
-    def __call__(self, x):
-        if self.up and self.down:
-            raise ValueError("Conv2d: up and down are mutually exclusive")
-        k = self.kernel
-        fans = (self.init_mode, self.in_channels * k * k, self.out_channels * k * k)
-        w = b = f = None
-        if k:
-            w = self.param("weight", _scaled_init(*fans, self.init_weight),
-                           (self.out_channels, self.in_channels, k, k)).astype(x.dtype)
-            if self.bias:
-                b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_channels,)).astype(x.dtype)
-        if self.up or self.down:
-            buf = self.variable("buffers", "resample_filter",
-                                lambda: jnp.asarray(resample_filter_buffer(self.resample_filter)))
-            f = buf.value.astype(x.dtype)
-        w_pad = k // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+  @nn.compact
+  def __call__(self, x):
+    if self.up and self.down:
+      raise ValueError("Conv2d: up and down are mutually exclusive")
+    k = self.kernel
+    fans = (self.init_mode, self.in_channels * k * k, self.out_channels * k * k)
+    w = b = f = None
+    if k:
+      w = self.param("weight", _scaled_init(*fans, self.init_weight),
+                     (self.out_channels, self.in_channels, k, k)).astype(x.dtype)
+      if self.bias:
+        b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_channels,)).astype(x.dtype)
+    if self.up or self.down:
+      buf = self.variable("buffers", "resample_filter",
+                          lambda: jnp.asarray(resample_filter_buffer(self.resample_filter)))
+      f = buf.value.astype(x.dtype)
+    w_pad = k // 2 if w is not None else 0
+    f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
-        if self.fused_resample and self.up and w is not None:
-            x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), w_pad + f_pad, self.in_channels)
-            x = _conv(x, w, 0)
-        elif self.fused_resample and self.down and w is not None:
-            x = _conv(x, w, w_pad + f_pad)
-            x = _conv(x, self._tiled(f, self.out_channels), 0, stride=2, groups=self.out_channels)
-        else:
-            if self.up:
-                x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), f_pad, self.in_channels)
-            if self.down:
-                x = _conv(x, self._tiled(f, self.in_channels), f_pad, stride=2, groups=self.in_channels)
-            if w is not None:
-                x = _conv(x, w, w_pad)
-        if b is not None:
-            x = x + b
-        return x
+    if self.fused_resample and self.up and w is not None:
+      x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), w_pad + f_pad, self.in_channels)
+      x = _conv(x, w, 0)
+    elif self.fused_resample and self.down and w is not None:
+      x = _conv(x, w, w_pad + f_pad)
+      x = _conv(x, self._tiled(f, self.out_channels), 0, stride=2, groups=self.out_channels)
+    else:
+      if self.up:
+        x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), f_pad, self.in_channels)
+      if self.down:
+        x = _conv(x, self._tiled(f, self.in_channels), f_pad, stride=2, groups=self.in_channels)
+      if w is not None:
+        x = _conv(x, w, w_pad)
+    if b is not None:
+      x = x + b
+    return x
 
-    @staticmethod
-    def _tiled(f, channels):
-        """[1, 1, k, k] filter → depthwise OIHW kernel [channels, 1, k, k]."""
-        return jnp.tile(f, (channels, 1, 1, 1))
+  @staticmethod
+  def _tiled(f, channels):
+    """[1, 1, k, k] filter → depthwise OIHW kernel [channels, 1, k, k]."""
+    return jnp.tile(f, (channels, 1, 1, 1))
 
 
 class GroupNorm(nn.Module):
-    """Group normalisation over NHWC with `min(num_groups, C // min_channels_per_group)` groups."""
+  """Group normalisation over NHWC with `min(num_groups, C // min_channels_per_group)` groups."""
 
-    num_channels: int
-    num_groups: int = 32
-    min_channels_per_group: int = 4
-    eps: float = 1e-5
+  num_channels: int
+  num_groups: int = 32
+  min_channels_per_group: int = 4
+  eps: float = 1e-5
 
-    @nn.compact
-    def __call__(self, x):
-        groups = min(self.num_groups, self.num_channels // self.min_channels_per_group)
-        w = self.param("weight", nn.initializers.ones, (self.num_channels,), jnp.float32)
-        b = self.param("bias", nn.initializers.zeros, (self.num_channels,), jnp.float32)
-        n, h, wd, c = x.shape
-        xg = x.reshape(n, h, wd, groups, c // groups)
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-        xg = (xg - mean) * lax.rsqrt(var + jnp.asarray(self.eps, x.dtype))
-        return xg.reshape(n, h, wd, c) * w.astype(x.dtype) + b.astype(x.dtype)
+  @nn.compact
+  def __call__(self, x):
+    groups = min(self.num_groups, self.num_channels // self.min_channels_per_group)
+    w = self.param("weight", nn.initializers.ones, (self.num_channels,), jnp.float32)
+    b = self.param("bias", nn.initializers.zeros, (self.num_channels,), jnp.float32)
+    n, h, wd, c = x.shape
+    xg = x.reshape(n, h, wd, groups, c // groups)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+    xg = (xg - mean) * lax.rsqrt(var + jnp.asarray(self.eps, x.dtype))
+    return xg.reshape(n, h, wd, c) * w.astype(x.dtype) + b.astype(x.dtype)
 
 
 def attention_weights(q, k):
-    """softmax_k(q·k / sqrt(C)) in at least float32 (EDM's `AttentionOp`).
+  """softmax_k(q·k / sqrt(C)) in at least float32 (EDM's `AttentionOp`).
 
-    Args:
-      q, k: [B, L, heads, C].
+  Args:
+    q, k: [B, L, heads, C].
 
-    Returns:
-      [B, heads, Lq, Lk] in q's dtype.
-    """
-    dt = compute_dtype(q.dtype)
-    k = k / float(np.sqrt(k.shape[-1]))
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(dt), k.astype(dt))
-    return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  Returns:
+    [B, heads, Lq, Lk] in q's dtype.
+  """
+  dt = compute_dtype(q.dtype)
+  k = k / float(np.sqrt(k.shape[-1]))
+  logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(dt), k.astype(dt))
+  return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
 class UNetBlock(nn.Module):
-    """EDM's unified U-Net block (DDPM++, NCSN++, ADM), with SFD-v's optional step affine.
+  """EDM's unified U-Net block (DDPM++, NCSN++, ADM), with SFD-v's optional step affine.
 
-    `init`, `init_zero`, `init_attn` are tuples of (name, value) pairs of Linear/Conv2d
-    init arguments, as EDM's dicts.
-    """
+  `init`, `init_zero`, `init_attn` are tuples of (name, value) pairs of Linear/Conv2d
+  init arguments, as EDM's dicts.
+  """
 
-    in_channels: int
-    out_channels: int
-    emb_channels: int
-    up: bool = False
-    down: bool = False
-    attention: bool = False
-    num_heads: Optional[int] = None
-    channels_per_head: int = 64
-    dropout: float = 0.0
-    skip_scale: float = 1.0
-    eps: float = 1e-5
-    resample_filter: Sequence[int] = (1, 1)
-    resample_proj: bool = False
-    adaptive_scale: bool = True
-    init: tuple = ()
-    init_zero: tuple = (("init_weight", 0.0),)
-    init_attn: Optional[tuple] = None
-    use_step_condition: bool = False
+  in_channels: int
+  out_channels: int
+  emb_channels: int
+  up: bool = False
+  down: bool = False
+  attention: bool = False
+  num_heads: Optional[int] = None
+  channels_per_head: int = 64
+  dropout: float = 0.0
+  skip_scale: float = 1.0
+  eps: float = 1e-5
+  resample_filter: Sequence[int] = (1, 1)
+  resample_proj: bool = False
+  adaptive_scale: bool = True
+  init: tuple = ()
+  init_zero: tuple = (("init_weight", 0.0),)
+  init_attn: Optional[tuple] = None
+  use_step_condition: bool = False
 
-    @property
-    def heads(self) -> int:
-        if not self.attention:
-            return 0
-        return self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
+  @property
+  def heads(self) -> int:
+    if not self.attention:
+      return 0
+    return self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
 
-    def setup(self):
-        init, init_zero = dict(self.init), dict(self.init_zero)
-        init_attn = dict(self.init_attn) if self.init_attn is not None else init
-        cin, cout = self.in_channels, self.out_channels
-        affine_out = cout * (2 if self.adaptive_scale else 1)
-        self.norm0 = GroupNorm(num_channels=cin, eps=self.eps)
-        self.conv0 = Conv2d(cin, cout, kernel=3, up=self.up, down=self.down,
-                            resample_filter=self.resample_filter, **init)
-        self.affine = Linear(self.emb_channels, affine_out, **init)
-        self.norm1 = GroupNorm(num_channels=cout, eps=self.eps)
-        self.conv1 = Conv2d(cout, cout, kernel=3, **init_zero)
-        if self.use_step_condition:
-            self.affine_step = Linear(self.emb_channels, affine_out, **init)
-        if cout != cin or self.up or self.down:
-            kernel = 1 if self.resample_proj or cout != cin else 0
-            self.skip = Conv2d(cin, cout, kernel=kernel, up=self.up, down=self.down,
-                               resample_filter=self.resample_filter, **init)
-        else:
-            self.skip = None
-        if self.heads:
-            self.norm2 = GroupNorm(num_channels=cout, eps=self.eps)
-            self.qkv = Conv2d(cout, cout * 3, kernel=1, **init_attn)
-            self.proj = Conv2d(cout, cout, kernel=1, **init_zero)
-        self.drop = nn.Dropout(rate=self.dropout)
+  def setup(self):
+    init, init_zero = dict(self.init), dict(self.init_zero)
+    init_attn = dict(self.init_attn) if self.init_attn is not None else init
+    cin, cout = self.in_channels, self.out_channels
+    affine_out = cout * (2 if self.adaptive_scale else 1)
+    self.norm0 = GroupNorm(num_channels=cin, eps=self.eps)
+    self.conv0 = Conv2d(cin, cout, kernel=3, up=self.up, down=self.down,
+                        resample_filter=self.resample_filter, **init)
+    self.affine = Linear(self.emb_channels, affine_out, **init)
+    self.norm1 = GroupNorm(num_channels=cout, eps=self.eps)
+    self.conv1 = Conv2d(cout, cout, kernel=3, **init_zero)
+    if self.use_step_condition:
+      self.affine_step = Linear(self.emb_channels, affine_out, **init)
+    if cout != cin or self.up or self.down:
+      kernel = 1 if self.resample_proj or cout != cin else 0
+      self.skip = Conv2d(cin, cout, kernel=kernel, up=self.up, down=self.down,
+                         resample_filter=self.resample_filter, **init)
+    else:
+      self.skip = None
+    if self.heads:
+      self.norm2 = GroupNorm(num_channels=cout, eps=self.eps)
+      self.qkv = Conv2d(cout, cout * 3, kernel=1, **init_attn)
+      self.proj = Conv2d(cout, cout, kernel=1, **init_zero)
+    self.drop = nn.Dropout(rate=self.dropout)
 
-    def __call__(self, x, emb, emb_step=None, train: bool = False):
-        """Args: x [N, H, W, Cin]; emb [N or 1, E]; emb_step [1, E] or None. Returns [N, H', W', Cout]."""
-        orig = x
-        x = self.conv0(silu(self.norm0(x)))
-        params = self.affine(emb).astype(x.dtype)[:, None, None, :]
-        params_step = None
-        if emb_step is not None:
-            params_step = self.affine_step(emb_step).astype(x.dtype)[:, None, None, :]
-        if self.adaptive_scale:
-            scale, shift = jnp.split(params, 2, axis=-1)
-            x = shift + self.norm1(x) * (scale + 1)
-            if params_step is not None:
-                scale_step, shift_step = jnp.split(params_step, 2, axis=-1)
-                x = shift_step + x * (scale_step + 1)
-            x = silu(x)
-        else:
-            x = x + params
-            if params_step is not None:
-                x = x + params_step
-            x = silu(self.norm1(x))
+  def __call__(self, x, emb, emb_step=None, train: bool = False):
+    """Args: x [N, H, W, Cin]; emb [N or 1, E]; emb_step [1, E] or None. Returns [N, H', W', Cout]."""
+    orig = x
+    x = self.conv0(silu(self.norm0(x)))
+    params = self.affine(emb).astype(x.dtype)[:, None, None, :]
+    params_step = None
+    if emb_step is not None:
+      params_step = self.affine_step(emb_step).astype(x.dtype)[:, None, None, :]
+    if self.adaptive_scale:
+      scale, shift = jnp.split(params, 2, axis=-1)
+      x = shift + self.norm1(x) * (scale + 1)
+      if params_step is not None:
+        scale_step, shift_step = jnp.split(params_step, 2, axis=-1)
+        x = shift_step + x * (scale_step + 1)
+      x = silu(x)
+    else:
+      x = x + params
+      if params_step is not None:
+        x = x + params_step
+      x = silu(self.norm1(x))
 
-        if self.dropout:
-            x = self.drop(x, deterministic=not train)
-        x = self.conv1(x)
-        x = x + (self.skip(orig) if self.skip is not None else orig)
-        x = x * float(self.skip_scale)
+    if self.dropout:
+      x = self.drop(x, deterministic=not train)
+    x = self.conv1(x)
+    x = x + (self.skip(orig) if self.skip is not None else orig)
+    x = x * float(self.skip_scale)
 
-        if self.heads:
-            x = self._attention(x)
-        return x
+    if self.heads:
+      x = self._attention(x)
+    return x
 
-    def _attention(self, x):
-        n, h, w, c = x.shape
-        heads = self.heads
-        # EDM reshapes qkv's channels as (head, channel, {q, k, v}): q, k, v interleave.
-        qkv = self.qkv(self.norm2(x)).reshape(n, h * w, heads, c // heads, 3)
-        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-        weights = attention_weights(q, k)
-        a = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(n, h, w, c)
-        return (self.proj(a) + x) * float(self.skip_scale)
+  def _attention(self, x):
+    n, h, w, c = x.shape
+    heads = self.heads
+    # EDM reshapes qkv's channels as (head, channel, {q, k, v}): q, k, v interleave.
+    qkv = self.qkv(self.norm2(x)).reshape(n, h * w, heads, c // heads, 3)
+    q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+    weights = attention_weights(q, k)
+    a = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(n, h, w, c)
+    return (self.proj(a) + x) * float(self.skip_scale)
 
 
 class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding `[cos(x f), sin(x f)]`, f = max_positions^(-i / (C/2 - endpoint))."""
+  """Sinusoidal embedding `[cos(x f), sin(x f)]`, f = max_positions^(-i / (C/2 - endpoint))."""
 
-    num_channels: int
-    max_positions: int = 10000
-    endpoint: bool = False
+  num_channels: int
+  max_positions: int = 10000
+  endpoint: bool = False
 
-    def __call__(self, x):
-        """Args: x [N]. Returns [N, num_channels] in x's dtype."""
-        # EDM builds the frequencies in float32 whatever the input dtype (float64 under x64).
-        dt = compute_dtype(x.dtype)
-        half = self.num_channels // 2
-        freqs = jnp.arange(half, dtype=dt) / (half - (1 if self.endpoint else 0))
-        freqs = jnp.asarray(1 / self.max_positions, dt) ** freqs
-        x = jnp.outer(x, freqs.astype(x.dtype))
-        return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+  def __call__(self, x):
+    """Args: x [N]. Returns [N, num_channels] in x's dtype."""
+    # EDM builds the frequencies in float32 whatever the input dtype (float64 under x64).
+    dt = compute_dtype(x.dtype)
+    half = self.num_channels // 2
+    freqs = jnp.arange(half, dtype=dt) / (half - (1 if self.endpoint else 0))
+    freqs = jnp.asarray(1 / self.max_positions, dt) ** freqs
+    x = jnp.outer(x, freqs.astype(x.dtype))
+    return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features `[cos(2π x f), sin(2π x f)]`, f ~ N(0, scale²) kept as a buffer."""
+  """Random Fourier features `[cos(2π x f), sin(2π x f)]`, f ~ N(0, scale²) kept as a buffer."""
 
-    num_channels: int
-    scale: float = 16.0
+  num_channels: int
+  scale: float = 16.0
 
-    @nn.compact
-    def __call__(self, x):
-        """Args: x [N]. Returns [N, num_channels] in x's dtype."""
-        key = self.make_rng("params") if self.is_initializing() else None
-        freqs = self.variable("buffers", "freqs",
-                              lambda: jax.random.normal(key, (self.num_channels // 2,)) * float(self.scale))
-        x = jnp.outer(x, (2 * np.pi * freqs.value.astype(x.dtype)))
-        return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+  @nn.compact
+  def __call__(self, x):
+    """Args: x [N]. Returns [N, num_channels] in x's dtype."""
+    key = self.make_rng("params") if self.is_initializing() else None
+    freqs = self.variable("buffers", "freqs",
+                          lambda: jax.random.normal(key, (self.num_channels // 2,)) * float(self.scale))
+    x = jnp.outer(x, (2 * np.pi * freqs.value.astype(x.dtype)))
+    return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
 
 
 class ModuleDict(nn.Module):
-    """Ordered named sub-modules, like `torch.nn.ModuleDict`: names may be any string
-    (EDM's '16x16_conv'), so the variables tree keeps EDM's names.
+  """Ordered named sub-modules, like `torch.nn.ModuleDict`: names may be any string
+  (EDM's '16x16_conv'), so the variables tree keeps EDM's names.
 
-    Attributes:
-      specs: ((name, module_class, ((kwarg, value), ...)), ...) in EDM's order.
-    """
+  Attributes:
+    specs: ((name, module_class, ((kwarg, value), ...)), ...) in EDM's order.
+  """
 
-    specs: tuple
+  specs: tuple
 
-    def setup(self):
-        for name, cls, kwargs in self.specs:
-            setattr(self, name, cls(**dict(kwargs)))
+  def setup(self):
+    for name, cls, kwargs in self.specs:
+      setattr(self, name, cls(**dict(kwargs)))
 
-    def names(self):
-        return [name for name, _, _ in self.specs]
+  def names(self):
+    return [name for name, _, _ in self.specs]
 
-    def __getitem__(self, name):
-        return getattr(self, name)
+  def __getitem__(self, name):
+    return getattr(self, name)
