@@ -4,18 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SFD_FIXTURES
+
 from sfd_jax import schedules
-
-
-@pytest.fixture(scope="module")
-def fixture32():
-  return np.load(SFD_FIXTURES / "sfd_iter_A.npz")
-
-
-@pytest.fixture(scope="module")
-def fixture64():
-  return np.load(SFD_FIXTURES / "sfd_iter_A_fp64.npz")
 
 
 def _ulps(a, b):

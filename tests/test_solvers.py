@@ -8,18 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import EDM_FIXTURES, SFD_FIXTURES
+from conftest import EDM_FIXTURES
 from sfd_jax import schedules, solvers
-
-
-@pytest.fixture(scope="module")
-def fixture32():
-  return np.load(SFD_FIXTURES / "sfd_iter_A.npz")
-
-
-@pytest.fixture(scope="module")
-def fixture64():
-  return np.load(SFD_FIXTURES / "sfd_iter_A_fp64.npz")
 
 
 @pytest.fixture

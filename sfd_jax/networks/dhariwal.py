@@ -12,11 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax.networks.layers import Conv2d, GroupNorm, Linear, ModuleDict, PositionalEmbedding, UNetBlock, silu
-
-
-def _kw(**kwargs):
-  """Module kwargs as a hashable, ordered tuple (what `ModuleDict` specs hold)."""
-  return tuple(kwargs.items())
+from sfd_jax.networks.layers import module_kwargs as _kw
 
 
 class DhariwalUNet(nn.Module):

@@ -332,6 +332,11 @@ class FourierEmbedding(nn.Module):
     return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
 
 
+def module_kwargs(**kwargs):
+  """Module kwargs as a hashable, ordered tuple (what `ModuleDict` specs hold)."""
+  return tuple(kwargs.items())
+
+
 class ModuleDict(nn.Module):
   """Ordered named sub-modules, like `torch.nn.ModuleDict`: names may be any string
   (EDM's '16x16_conv'), so the variables tree keeps EDM's names.

@@ -14,15 +14,11 @@ import numpy as np
 
 from sfd_jax.networks.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, ModuleDict,
                                      PositionalEmbedding, UNetBlock, silu)
+from sfd_jax.networks.layers import module_kwargs as _kw
 
 _EMBEDDING_TYPES = ("fourier", "positional")
 _ENCODER_TYPES = ("standard", "skip", "residual")
 _DECODER_TYPES = ("standard", "skip")
-
-
-def _kw(**kwargs):
-  """Module kwargs as a hashable, ordered tuple (what `ModuleDict` specs hold)."""
-  return tuple(kwargs.items())
 
 
 def swap_halves(emb):
