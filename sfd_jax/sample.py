@@ -23,6 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import images as images_lib
@@ -271,6 +272,7 @@ def main(argv=None):
   """Runs the command line; returns 0, or exits with status 2 and a one-line error."""
   parser = _flags()
   args = parser.parse_args(argv)
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only checkpoint directories
   try:
     seeds = _check_args(args)
     config, variables, denoise, s = _load(args)
@@ -285,6 +287,8 @@ def main(argv=None):
                                variables=variables, batch_size=args.batch, num_classes=num_classes,
                                class_idx=args.class_idx, progress=args.progress, **s['solver_opts'])
     _write(args, batches)
+    where = ', '.join(str(p) for p in (args.outdir, args.npz, args.grid) if p)
+    print(f'{len(seeds)} images from {args.network or args.student} -> {where}')
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     parser.exit(2, f'{parser.prog}: error: {_flag_message(e, args)}\n')
   return 0
