@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_NHWC_OIHW = ("NHWC", "OIHW", "NHWC")
+# Kernels are stored OIHW (EDM) but handed to XLA as HWIO: XLA:CPU runs convolutions fast only
+# in that layout, and inside a lax.scan body (the solvers) it does not rewrite OIHW itself.
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
 def weight_init(key, shape, mode: str, fan_in: int, fan_out: int) -> jax.Array:
@@ -85,11 +87,16 @@ def resample_filter_buffer(resample_filter: Sequence[float]) -> np.ndarray:
   return (np.outer(f, f) / np.square(f.sum()))[None, None].astype(np.float32)
 
 
+def _hwio(w):
+  """OIHW (EDM's layout) → HWIO."""
+  return jnp.transpose(w, (2, 3, 1, 0))
+
+
 def _conv(x, w, padding, stride=1, groups=1):
   """NHWC x OIHW cross-correlation with symmetric zero padding (torch `conv2d`)."""
   return lax.conv_general_dilated(
-      x, w, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-      dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
+      x, _hwio(w), window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      dimension_numbers=_NHWC_HWIO, feature_group_count=groups)
 
 
 def _conv_transpose_stride2(x, w, padding, groups):
@@ -99,8 +106,8 @@ def _conv_transpose_stride2(x, w, padding, groups):
   k = w.shape[-1]
   pad = k - 1 - padding
   return lax.conv_general_dilated(
-      x, w[:, :, ::-1, ::-1], window_strides=(1, 1), padding=[(pad, pad)] * 2,
-      lhs_dilation=(2, 2), dimension_numbers=_NHWC_OIHW, feature_group_count=groups)
+      x, _hwio(w[:, :, ::-1, ::-1]), window_strides=(1, 1), padding=[(pad, pad)] * 2,
+      lhs_dilation=(2, 2), dimension_numbers=_NHWC_HWIO, feature_group_count=groups)
 
 
 class Conv2d(nn.Module):
