@@ -3,8 +3,11 @@
 Pure functions of a `denoise(x, sigma)` callable, the latents and a schedule; no Flax, no
 state. The arithmetic follows the official SFD code (zju-pi/diff-sampler, `sfd-main/`)
 operation by operation, so that a float32 teacher trajectory matches the reference data to
-rounding. Loops over steps are Python loops (the schedule length is static), so everything
-here can be traced once under `jax.jit`.
+rounding. Under `jax.jit` (or any other trace) the steps run as one `lax.scan`, so a network
+is traced and compiled once per distinct step body, not once per step; per-step values (times,
+orders) are scanned arrays and the order-dependent update is chosen with `lax.switch`, each
+branch being the official arithmetic of that order. Called eagerly, the same step functions
+run in a Python loop.
 
 Solvers (`SOLVERS`): 'euler', 'heun' (EDM's 2nd order), 'dpm' (DPM-Solver-2), 'ipndm'
 (improved PNDM, orders 1-4) and 'dpmpp' (multistep DPM-Solver++, orders 1-3). Any of them
@@ -109,60 +112,130 @@ def _apply_threshold(x0, s):
 
 
 # ----------------------------------------------------------------------------------------
-# Solvers: each returns the list of all N points, starting point first.
+# Solvers. Each is a step function `step(denoise, carry, per_step, *, afs) -> carry` whose
+# carry starts with the current point x (multistep solvers add fixed-size history buffers),
+# plus the per-step values it scans over; `_integrate` drives it over all intervals.
 
 
-def _euler(denoise, x, t_steps, *, afs):
-  points = [x]
-  for i in range(t_steps.shape[0] - 1):
-    x = euler_step(denoise, x, t_steps[i], t_steps[i + 1], afs=afs and i == 0)
-    points.append(x)
-  return points
+def _is_traced(x):
+  """Whether x is being traced (jit, grad, vmap...) rather than computed eagerly."""
+  return isinstance(x, jax.core.Tracer)
 
 
-def _heun(denoise, x, t_steps, *, afs):
+def _integrate(step, denoise, carry, per_step, *, afs, keep_points):
+  """Applies `step` once per interval and returns the `[num_steps, ...]` points (or the last).
+
+  Traced, the steps after the (static) AFS first step run as one `lax.scan`, so the denoiser
+  is traced and compiled once per distinct step body instead of once per step. Eagerly the
+  steps run as a Python loop over the same step function: there is nothing to compile, and a
+  denoiser with Python side effects (call counting, replayed outputs) sees every step.
+
+  Args:
+    step: `step(denoise, carry, per_step_i, *, afs) -> carry`, carry[0] the point x.
+    denoise: the denoiser handed to `step`.
+    carry: the initial carry.
+    per_step: a tuple of arrays (or of tuples of arrays) with one leading entry per interval.
+    afs: the first step uses the analytical first step.
+    keep_points: return all points (else only the last one).
+  """
+  num_intervals = jax.tree.leaves(per_step)[0].shape[0]
+  at = lambda i: jax.tree.map(lambda a: a[i], per_step)
+  points = [carry[0]]
+  first = 0
+  if afs:
+    carry = step(denoise, carry, at(0), afs=True)
+    points.append(carry[0])
+    first = 1
+  if first == num_intervals or not _is_traced(carry[0]):
+    for i in range(first, num_intervals):
+      carry = step(denoise, carry, at(i), afs=False)
+      points.append(carry[0])
+    return jnp.stack(points) if keep_points else points[-1]
+
+  def body(carry, values):
+    carry = step(denoise, carry, values, afs=False)
+    return carry, carry[0] if keep_points else None
+
+  rest = jax.tree.map(lambda a: a[first:], per_step)
+  carry, scanned = jax.lax.scan(body, carry, rest)
+  if not keep_points:
+    return carry[0]
+  return jnp.concatenate([jnp.stack(points), scanned])
+
+
+def _by_order(order, branches, *operands):
+  """branches[order - 1](*operands): a plain call for a static order, `lax.switch` if traced.
+
+  Each branch is the official arithmetic of one order, so the operations stay those of the
+  unrolled solver whichever way the order is chosen.
+  """
+  if _is_traced(order):
+    return jax.lax.switch(order - 1, branches, *operands)
+  return branches[int(order) - 1](*operands)
+
+
+def _push(buffer, value):
+  """Drops the oldest entry of a `[k, ...]` history buffer (newest last) and appends value."""
+  return jnp.concatenate([buffer[1:], value[None]])
+
+
+def _euler(denoise, carry, per_step, *, afs):
+  (x,), (t_cur, t_next) = carry, per_step
+  return (euler_step(denoise, x, t_cur, t_next, afs=afs),)
+
+
+def _heun(denoise, carry, per_step, *, afs):
   """EDM's Heun: Euler predictor, then the trapezoid of d at both ends (every step)."""
-  points = [x]
-  for i in range(t_steps.shape[0] - 1):
-    t_cur, t_next = t_steps[i], t_steps[i + 1]
-    d_cur = ode_direction(denoise, x, t_cur, afs=afs and i == 0)
-    x_pred = x + (t_next - t_cur) * d_cur
-    d_prime = ode_direction(denoise, x_pred, t_next)
-    x = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-    points.append(x)
-  return points
+  (x,), (t_cur, t_next) = carry, per_step
+  d_cur = ode_direction(denoise, x, t_cur, afs=afs)
+  x_pred = x + (t_next - t_cur) * d_cur
+  d_prime = ode_direction(denoise, x_pred, t_next)
+  return (x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime),)
 
 
-def _dpm2(denoise, x, t_steps, *, afs):
+def _dpm2(denoise, carry, per_step, *, afs):
   """DPM-Solver-2: Euler to the geometric midpoint, then a full step with d there."""
   r = DPM2_R
-  points = [x]
-  for i in range(t_steps.shape[0] - 1):
-    t_cur, t_next = t_steps[i], t_steps[i + 1]
-    d_cur = ode_direction(denoise, x, t_cur, afs=afs and i == 0)
-    t_mid = (t_next ** r) * (t_cur ** (1 - r))
-    x_mid = x + (t_mid - t_cur) * d_cur
-    d_prime = ode_direction(denoise, x_mid, t_mid)
-    x = x + (t_next - t_cur) * ((1 / (2 * r)) * d_prime + (1 - 1 / (2 * r)) * d_cur)
-    points.append(x)
-  return points
+  (x,), (t_cur, t_next) = carry, per_step
+  d_cur = ode_direction(denoise, x, t_cur, afs=afs)
+  t_mid = (t_next ** r) * (t_cur ** (1 - r))
+  x_mid = x + (t_mid - t_cur) * d_cur
+  d_prime = ode_direction(denoise, x_mid, t_mid)
+  return (x + (t_next - t_cur) * ((1 / (2 * r)) * d_prime + (1 - 1 / (2 * r)) * d_cur),)
 
 
-def _ipndm(denoise, x, t_steps, *, afs, max_order):
-  """iPNDM: Adams-Bashforth on d with fixed coefficients; order min(max_order, i + 1)."""
-  points = [x]
-  history = []  # previous directions, newest last
-  for i in range(t_steps.shape[0] - 1):
-    t_cur, t_next = t_steps[i], t_steps[i + 1]
-    d_cur = ode_direction(denoise, x, t_cur, afs=afs and i == 0)
-    coeffs, divisor = _IPNDM_COEFFS[min(max_order, i + 1)]
-    combo = coeffs[0] * d_cur
-    for c, d_prev in zip(coeffs[1:], reversed(history)):
-      combo = combo + c * d_prev
-    x = x + (t_next - t_cur) * combo / divisor
-    points.append(x)
-    history = (history + [d_cur])[-(max_order - 1):] if max_order > 1 else []
-  return points
+def _ipndm_update(order, x, d_cur, history, t_cur, t_next):
+  """x + (t_next - t_cur) (c_0 d_cur + c_1 d_prev + ...) / divisor with `order` coefficients.
+
+  history: `[max_order - 1, ...]` previous directions, newest last.
+  """
+  coeffs, divisor = _IPNDM_COEFFS[order]
+  combo = coeffs[0] * d_cur
+  for j, c in enumerate(coeffs[1:], start=1):
+    combo = combo + c * history[-j]
+  return x + (t_next - t_cur) * combo / divisor
+
+
+def _ipndm(denoise, carry, per_step, *, afs):
+  """iPNDM: Adams-Bashforth on d with fixed coefficients; order min(max_order, i + 1).
+
+  carry = (x, history of the last max_order - 1 directions or None); per_step holds the order.
+  """
+  (x, history), (t_cur, t_next, order) = carry, per_step
+  d_cur = ode_direction(denoise, x, t_cur, afs=afs)
+  if history is None:  # max_order 1: Euler, no history kept
+    return (_ipndm_update(1, x, d_cur, history, t_cur, t_next), None)
+  branches = [functools.partial(_ipndm_update, k) for k in range(1, history.shape[0] + 2)]
+  x = _by_order(order, branches, x, d_cur, history, t_cur, t_next)
+  return (x, _push(history, d_cur))
+
+
+def _ipndm_solver(denoise, x, t_steps, *, afs, max_order, keep_points):
+  num_intervals = t_steps.shape[0] - 1
+  history = jnp.zeros((max_order - 1,) + x.shape, x.dtype) if max_order > 1 else None
+  orders = np.asarray([min(max_order, i + 1) for i in range(num_intervals)], np.int32)
+  return _integrate(_ipndm, denoise, (x, history), (t_steps[:-1], t_steps[1:], orders),
+                    afs=afs, keep_points=keep_points)
 
 
 def _dpmpp_order(i, num_steps, max_order, lower_order_final):
@@ -172,73 +245,130 @@ def _dpmpp_order(i, num_steps, max_order, lower_order_final):
   return min(max_order, i + 1)
 
 
-def _dpmpp_update(x, models, ts, t, order, predict_x0):
-  """One multistep DPM-Solver++ update (VE form) from ts[-1] to t with the last `order` models.
+def _dpmpp_coeffs(ts, t, order, predict_x0):
+  """The scalar factors of one multistep DPM-Solver++ update (VE form) from ts[-1] to t.
 
-  With predict_x0 the models are thresholded x0 predictions, otherwise directions d (= eps).
-  r = h_prev / h ratios handle the non-uniform steps in lambda = -log t.
+  r = h_prev / h ratios handle the non-uniform steps in lambda = -log t. The factors are
+  split from their combination with the models (`_dpmpp_apply`) so that the solver computes
+  those of all steps before its scan over steps: from a constant schedule they are folded at
+  compile time, as in an unrolled loop, rather than computed by the scan's runtime kernels.
 
   Kept as in the official code although its third-order term is off by a factor 2: D2 =
   (D1_0 - D1_1) / (r0 + r1) approximates h^2 D''/2 where the expansion needs h^2 D'', so
   order 3 converges at order 2 (tests/test_solvers.py measures it). SFD's targets are
   defined by this arithmetic.
+
+  Args:
+    ts: the times of the last `order` models, oldest first (scalars, or arrays with one
+      entry per step: the factors of all steps are then computed at once).
+    t: the time stepped to.
+    order: 1, 2 or 3.
+    predict_x0: data-prediction form.
+
+  Returns:
+    A tuple of scalars (or per-step arrays) that `_dpmpp_apply` combines with the models.
   """
   lambda_t = -jnp.log(t)
-  lambdas = [-jnp.log(s) for s in ts[-order:]]
+  lambdas = [-jnp.log(s) for s in ts]
   h = lambda_t - lambdas[-1]
   phi_1 = jnp.expm1(-h) if predict_x0 else jnp.expm1(h)
-  m0 = models[-1]
-  if predict_x0:
-    x_t = (t / ts[-1]) * x - phi_1 * m0
-  else:
-    x_t = x - t * phi_1 * m0
+  c = [t / ts[-1], phi_1] if predict_x0 else [t * phi_1]
   if order == 1:
-    return x_t
+    return tuple(c)
   r0 = (lambdas[-1] - lambdas[-2]) / h
-  d1_0 = (1. / r0) * (m0 - models[-2])
+  c += [1. / r0, 0.5 * phi_1 if predict_x0 else 0.5 * t * phi_1]
   if order == 2:
-    return x_t - 0.5 * phi_1 * d1_0 if predict_x0 else x_t - 0.5 * t * phi_1 * d1_0
+    return tuple(c)
   r1 = (lambdas[-2] - lambdas[-3]) / h
-  d1_1 = (1. / r1) * (models[-2] - models[-3])
-  d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-  d2 = (1. / (r0 + r1)) * (d1_0 - d1_1)
+  c += [1. / r1, r0 / (r0 + r1), 1. / (r0 + r1)]
   if predict_x0:
     phi_2 = phi_1 / h + 1.
     phi_3 = phi_2 / h - 0.5
-    return x_t + phi_2 * d1 - phi_3 * d2
+    return tuple(c + [phi_2, phi_3])
   phi_2 = phi_1 / h - 1.
   phi_3 = phi_2 / h - 0.5
-  return x_t - t * phi_2 * d1 - t * phi_3 * d2
+  return tuple(c + [t * phi_2, t * phi_3])
 
 
-def _dpmpp(denoise, x, t_steps, *, afs, max_order, predict_x0, lower_order_final,
-           thresholding):
+def _dpmpp_apply(x, models, coeffs, order, predict_x0):
+  """One DPM-Solver++ update: x and the last `order` models (newest last) with the factors.
+
+  The models are thresholded x0 predictions (predict_x0) or directions d (= eps). The
+  operations and their order are the official ones, with the scalar products precomputed.
+  """
+  m0 = models[-1]
+  if predict_x0:
+    ratio, phi_1 = coeffs[:2]
+    x_t = ratio * x - phi_1 * m0
+    coeffs = coeffs[2:]
+  else:
+    x_t = x - coeffs[0] * m0
+    coeffs = coeffs[1:]
+  if order == 1:
+    return x_t
+  inv_r0, half_phi_1 = coeffs[:2]
+  d1_0 = inv_r0 * (m0 - models[-2])
+  if order == 2:
+    return x_t - half_phi_1 * d1_0
+  inv_r1, w1, w2, phi_2, phi_3 = coeffs[2:]
+  d1_1 = inv_r1 * (models[-2] - models[-3])
+  d1 = d1_0 + w1 * (d1_0 - d1_1)
+  d2 = w2 * (d1_0 - d1_1)
+  if predict_x0:
+    return x_t + phi_2 * d1 - phi_3 * d2
+  return x_t - phi_2 * d1 - phi_3 * d2
+
+
+def _dpmpp(denoise, carry, per_step, *, afs, predict_x0, thresholding):
   """Multistep DPM-Solver++ in the VE parameterisation (lambda = -log t).
 
-  The history holds thresholded x0 (predict_x0) or d; the trajectory itself is never
-  thresholded. With AFS the first x0 is x - t d_afs.
+  carry = (x, models): the last max_order models, newest last; they are thresholded x0
+  (predict_x0) or d; the trajectory itself is never thresholded. With AFS the first x0 is
+  x - t d_afs. per_step = (t_cur, order, factors of order 1, ..., factors of max_order).
   """
+  (x, models), (t_cur, order, *coeffs) = carry, per_step
+  if afs:
+    d_cur = afs_direction(x, t_cur)
+    denoised = x - t_cur * d_cur
+  else:
+    denoised = denoise(x, t_cur)
+    d_cur = (x - denoised) / t_cur
+  if predict_x0:
+    model = dynamic_threshold(denoised) if thresholding else denoised
+  else:
+    model = d_cur
+  models = _push(models, model)
+  branches = [functools.partial(_dpmpp_branch, k, predict_x0) for k in range(1, len(coeffs) + 1)]
+  return (_by_order(order, branches, x, models, coeffs), models)
+
+
+def _dpmpp_branch(order, predict_x0, x, models, coeffs):
+  return _dpmpp_apply(x, models, coeffs[order - 1], order, predict_x0)
+
+
+def _dpmpp_solver(denoise, x, t_steps, *, afs, max_order, predict_x0, lower_order_final,
+                  thresholding, keep_points):
   num_steps = t_steps.shape[0]
-  points = [x]
-  models, ts = [], []
-  for i in range(num_steps - 1):
-    t_cur, t_next = t_steps[i], t_steps[i + 1]
-    if afs and i == 0:
-      d_cur = afs_direction(x, t_cur)
-      denoised = x - t_cur * d_cur
-    else:
-      denoised = denoise(x, t_cur)
-      d_cur = (x - denoised) / t_cur
-    if predict_x0:
-      models.append(dynamic_threshold(denoised) if thresholding else denoised)
-    else:
-      models.append(d_cur)
-    ts.append(t_cur)
-    order = _dpmpp_order(i, num_steps, max_order, lower_order_final)
-    x = _dpmpp_update(x, models, ts, t_next, order, predict_x0)
-    points.append(x)
-    models, ts = models[-3:], ts[-3:]
-  return points
+  steps = np.arange(num_steps - 1)
+  orders = np.asarray([_dpmpp_order(i, num_steps, max_order, lower_order_final) for i in steps],
+                      np.int32)
+  # Factors of every order at every step; where a step has fewer models than the order, the
+  # window repeats t_0 and those factors are never used.
+  coeffs = tuple(
+      _dpmpp_coeffs([t_steps[np.maximum(steps - j, 0)] for j in range(k - 1, -1, -1)],
+                    t_steps[1:], k, predict_x0)
+      for k in range(1, max_order + 1))
+  models = jnp.zeros((max_order,) + x.shape, x.dtype)
+  step = functools.partial(_dpmpp, predict_x0=predict_x0, thresholding=thresholding)
+  return _integrate(step, denoise, (x, models), (t_steps[:-1], orders, *coeffs),
+                    afs=afs, keep_points=keep_points)
+
+
+def _one_step_solver(step):
+  def solve(denoise, x, t_steps, *, afs, keep_points):
+    return _integrate(step, denoise, (x,), (t_steps[:-1], t_steps[1:]), afs=afs,
+                      keep_points=keep_points)
+  return solve
 
 
 class _Registry(dict):
@@ -250,11 +380,11 @@ class _Registry(dict):
 
 # name -> (solver, (lowest, highest, default) max_order or None when the solver has no order).
 SOLVERS = _Registry({
-    'euler': (_euler, None),
-    'heun': (_heun, None),
-    'dpm': (_dpm2, None),
-    'ipndm': (_ipndm, (1, 4, 4)),
-    'dpmpp': (_dpmpp, (1, 3, 3)),
+    'euler': (_one_step_solver(_euler), None),
+    'heun': (_one_step_solver(_heun), None),
+    'dpm': (_one_step_solver(_dpm2), None),
+    'ipndm': (_ipndm_solver, (1, 4, 4)),
+    'dpmpp': (_dpmpp_solver, (1, 3, 3)),
 })
 
 
@@ -323,8 +453,7 @@ def sample(denoise, latents, t_steps, solver, *, afs=False, max_order=None, pred
   elif orders is not None:
     fn = functools.partial(fn, max_order=max_order)
   t_steps = jnp.asarray(t_steps)
-  points = fn(denoise, latents * t_steps[0], t_steps, afs=afs)
-  return jnp.stack(points) if return_trajectory else points[-1]
+  return fn(denoise, latents * t_steps[0], t_steps, afs=afs, keep_points=return_trajectory)
 
 
 def teacher_trajectory(denoise, latents, t_steps, solver, **opts):
