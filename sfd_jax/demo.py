@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from sfd_jax import data
 from sfd_jax import fd
+from sfd_jax.images import to_uint8
 from sfd_jax import networks
 from sfd_jax import schedules
 from sfd_jax import solvers
@@ -130,11 +131,6 @@ def make_sampler(denoise, solver, num_steps, afs, schedule, **solver_kwargs):
 def rmse(samples, reference):
   """Root mean square difference over all pixels, in image units ([-1, 1] scale)."""
   return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - reference) ** 2)))
-
-
-def to_uint8(images):
-  """EDM's export quantisation of NHWC [-1, 1] images."""
-  return np.clip(np.asarray(images) * 127.5 + 128, 0, 255).astype(np.uint8)
 
 
 def save_grid(path, rows, scale=GRID_SCALE):

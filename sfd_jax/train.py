@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import checkpoint
+from sfd_jax import images as images_lib
 from sfd_jax import sfd
 from sfd_jax import solvers
 from sfd_jax.config_types import SFDV_NUM_STEPS, DistillSettings, RunConfig
@@ -142,27 +143,22 @@ def make_grid_writer(models: Models, settings: DistillSettings, grid_size: int, 
 
   The seeds are fixed, so grids of successive checkpoints show the same latents.
   """
-  from PIL import Image
   plan = sfd.make_plan(settings)
   cfg = models.student_config
   n, r, c = grid_size * grid_size, cfg.img_resolution, cfg.img_channels
   z = jax.random.normal(jax.random.key(seed), (n, r, r, c))
   labels = jax.nn.one_hot(jnp.arange(n) % cfg.label_dim, cfg.label_dim) if cfg.label_dim else None
   step_condition = float(settings.num_steps) if settings.use_step_condition else None
+  t_steps = jnp.asarray(plan.t_steps, jnp.float32)
 
   @jax.jit
   def sample(variables):
     denoise = lambda x, sigma: models.student_denoise(variables, x, sigma, labels, step_condition=step_condition)
-    x = z * plan.t_steps[0]
-    for i in range(len(plan.t_steps) - 1):
-      x = solvers.euler_step(denoise, x, plan.t_steps[i], plan.t_steps[i + 1], afs=settings.afs and i == 0)
-    return x
+    return solvers.sample(denoise, z, t_steps, 'euler', afs=settings.afs)
 
   def write(variables, path):
-    x = np.asarray(jax.device_get(sample(jax.device_get(variables))))
-    img = np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8)
-    img = img.reshape(grid_size, grid_size, r, r, c).transpose(0, 2, 1, 3, 4).reshape(grid_size * r, grid_size * r, c)
-    Image.fromarray(img[..., 0] if c == 1 else img).save(path)
+    x = jax.device_get(sample(jax.device_get(variables)))
+    images_lib.save_grid(path, images_lib.to_uint8(x), num_cols=grid_size)
   return write
 
 
