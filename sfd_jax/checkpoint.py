@@ -7,11 +7,13 @@ stored: it is reloaded from its own file. Orbax writes each step to a temporary 
 renames it when complete, so a run killed mid-write resumes from the last complete step.
 """
 import pathlib
-from typing import Tuple
+from typing import Any, NamedTuple, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sfd_jax.config_types import SamplingSettings
 
 CHECKPOINT_DIR = 'checkpoints'
 ITEMS = ('params', 'buffers', 'opt_state', 'meta')
@@ -79,19 +81,26 @@ def is_student_checkpoint(path) -> bool:
   return True
 
 
-def load_student(path):
+class Student(NamedTuple):
+  """A distilled student: network config, variables (numpy) and how it samples."""
+  config: Any
+  variables: dict
+  sampling: SamplingSettings
+
+
+def load_student(path) -> Student:
   """Loads a distilled student for sampling.
 
   Args:
     path: a training workdir, its `checkpoints/` directory, or one checkpoint step directory.
 
   Returns:
-    (NetworkConfig, variables {'params', 'buffers'} as numpy arrays, settings dict with
-    num_steps, schedule_type, rho, afs, sigma_min, sigma_max, use_step_condition and
-    dataset_name).
+    `Student(config, variables, sampling)`: the `NetworkConfig`, variables {'params',
+    'buffers'} as numpy arrays, and the `SamplingSettings` stored with the checkpoint.
 
   Raises:
     FileNotFoundError: one line naming the path when there is no complete checkpoint.
+    ValueError: one line naming the checkpoint when its stored settings are not valid.
   """
   from sfd_jax.networks import NetworkConfig  # networks are only needed here, not for saving
   root, step = _resolve(path)
@@ -102,12 +111,5 @@ def load_student(path):
   to_np = lambda tree: jax.tree.map(np.asarray, tree)
   meta = out['meta']
   variables = {'params': to_np(out['params']), 'buffers': to_np(out['buffers'] or {})}
-  settings = dict(meta['settings'], dataset_name=meta.get('dataset_name', ''))
-  return NetworkConfig.from_dict(meta['network']), variables, settings
-
-
-def export_student(path, out_path) -> None:
-  """Writes a student checkpoint as an EDM-named PyTorch state dict (`.pt`)."""
-  from sfd_jax import teacher  # the .pt writer lives with the importer
-  _, variables, _ = load_student(path)
-  teacher.export_state_dict(variables, out_path)
+  sampling = SamplingSettings.from_dict(meta['settings'], where=f'{root / str(step)}:settings')
+  return Student(NetworkConfig.from_dict(meta['network']), variables, sampling)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import EDM_FIXTURES, EDM_NAMES
-from sfd_jax import edm_pickle
-from sfd_jax.edm_pickle import EDMPickleError, read_edm_snapshot
+from sfd_jax.io import edm_pickle
+from sfd_jax.io.edm_pickle import EDMPickleError, read_edm_snapshot
 
 REPO_ROOT = EDM_FIXTURES.parents[2]
 
@@ -116,7 +116,7 @@ def test_fixtures_read_without_torch():
   script = textwrap.dedent(f"""
       import sys
       sys.modules['torch'] = None  # any `import torch` now raises ImportError
-      from sfd_jax.edm_pickle import read_edm_snapshot
+      from sfd_jax.io.edm_pickle import read_edm_snapshot
       for name in {EDM_NAMES!r}:
           snapshot = read_edm_snapshot({str(EDM_FIXTURES)!r} + '/' + name + '.pkl')
           print(name, len(snapshot.state_dict), sum(v.size for v in snapshot.state_dict.values()))

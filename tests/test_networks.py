@@ -12,7 +12,7 @@ import torch
 
 from conftest import EDM_FIXTURES, EDM_NAMES, SFD_FIXTURES
 from sfd_jax import networks as nets
-from sfd_jax.edm_pickle import read_edm_snapshot
+from sfd_jax.io.edm_pickle import read_edm_snapshot
 from sfd_jax.networks.layers import Conv2d
 from sfd_jax.networks.precond import iddpm_u_table
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from conftest import EDM_FIXTURES, EDM_NAMES
-from sfd_jax import convert, networks, teacher, torch_format
-from sfd_jax.edm_pickle import EDMPickleError, read_edm_snapshot
+from sfd_jax import convert, io, networks, teacher
+from sfd_jax.io import torch_files as torch_format
+from sfd_jax.io.edm_pickle import EDMPickleError, read_edm_snapshot
 from test_edm_pickle import _TorchModuleUnpickler
 
 REPO_ROOT = EDM_FIXTURES.parents[2]
@@ -167,7 +168,7 @@ def test_export_gives_fixture_tensors(tmp_path, name):
   config = networks.NetworkConfig.from_edm(snapshot.precond_class, snapshot.init_kwargs)
   variables = networks.state_dict_to_variables(config, snapshot.state_dict, source=name)
   path = tmp_path / f"{name}.pt"
-  teacher.export_state_dict(variables, path)
+  io.export_state_dict(variables, path)
 
   expected = _torch_network(name).state_dict()
   loaded = torch.load(path, weights_only=True)
@@ -190,21 +191,21 @@ def test_export_gives_fixture_tensors(tmp_path, name):
 
 def test_converted_directory_round_trip(tmp_path):
   name = "vp_ddpmpp_cond"
-  config, variables = teacher.load_network(_pkl(name))
+  config, variables = io.load_network(_pkl(name))
   directory = tmp_path / "converted"
-  teacher.save_converted(directory, config, variables)
-  assert json.loads((directory / teacher.NETWORK_JSON).read_text()) == config.to_dict()
-  loaded_config, loaded = teacher.load_converted(directory)
+  io.save_converted(directory, config, variables)
+  assert json.loads((directory / io.converted.NETWORK_JSON).read_text()) == config.to_dict()
+  loaded_config, loaded = io.load_converted(directory)
   assert loaded_config == config
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, variables))
   with pytest.raises(FileExistsError, match=str(directory)):
-    teacher.save_converted(directory, config, variables)
+    io.save_converted(directory, config, variables)
 
   # Stored variables that do not fit network.json are refused, naming the directory.
   wrong = tmp_path / "wrong"
   params = jax.tree.map(np.asarray, variables["params"])
   params["model"]["map_augment"]["weight"] = params["model"]["map_augment"]["weight"][:, :8]
-  teacher.save_converted(wrong, config, {"params": params, "buffers": variables["buffers"]})
+  io.save_converted(wrong, config, {"params": params, "buffers": variables["buffers"]})
   with pytest.raises(ValueError) as err:
     teacher.load_teacher(wrong)
   message = str(err.value)
@@ -283,7 +284,7 @@ def test_convert_cli_then_load_without_torch(tmp_path, name):
   result = _run(["-c", cli, f"--src={_pkl(name)}", f"--dst={directory}"])
   assert result.returncode == 0, result.stderr
   assert f"wrote {directory}" in result.stdout
-  assert (directory / teacher.NETWORK_JSON).is_file()
+  assert (directory / io.converted.NETWORK_JSON).is_file()
 
   # Both the converted directory and the pickle load with torch blocked.
   fixture = EDM_FIXTURES / f"{name}.npz"

@@ -6,6 +6,7 @@ tables EDM derives in float32 (VP σ(t), the iDDPM `u` table) are reproduced her
 float32 arithmetic so that the attributes match a pickled network's.
 """
 import dataclasses
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -66,6 +67,11 @@ class Precond(nn.Module):
   use_step_condition: bool = False    # SFD-v step-condition layers in the model.
 
   out_channel_factor = 1              # iDDPM's model predicts 2·img_channels.
+
+  @staticmethod
+  def sigma_range(kwargs: dict) -> tuple:
+    """EDM's (`net.sigma_min`, `net.sigma_max`) from the constructor kwargs (defaults filled in)."""
+    return float(kwargs["sigma_min"]), float(kwargs["sigma_max"])
 
   def setup(self):
     self.model = model_class(self.model_type)(
@@ -137,6 +143,12 @@ class VPPrecond(Precond):
   M: int = 1000                       # Original number of DDPM timesteps.
   epsilon_t: float = 1e-5             # Minimum t-value used during training.
 
+  @staticmethod
+  def sigma_range(kwargs: dict) -> tuple:
+    """σ(epsilon_t) and σ(1) of the VP schedule."""
+    return (float(vp_sigma(kwargs["epsilon_t"], kwargs["beta_d"], kwargs["beta_min"])),
+            float(vp_sigma(1, kwargs["beta_d"], kwargs["beta_min"])))
+
   def coefficients(self, sigma):
     beta_d, beta_min = float(self.beta_d), float(self.beta_min)
     # log(1 + σ²) in the compute dtype, not log1p: EDM's float32 rounding at small σ is
@@ -166,6 +178,12 @@ class iDDPMPrecond(Precond):  # noqa: N801 (EDM's class name)
 
   out_channel_factor = 2
 
+  @staticmethod
+  def sigma_range(kwargs: dict) -> tuple:
+    """The smallest and largest entries of the discrete noise-level table u: u[M-1] and u[0]."""
+    u = _u_table(kwargs["M"], kwargs["C_1"], kwargs["C_2"])
+    return float(u[kwargs["M"] - 1]), float(u[0])
+
   def setup(self):
     super().setup()
     self.u = self.variable("buffers", "u", lambda: jnp.asarray(iddpm_u_table(self.M, self.C_1, self.C_2)))
@@ -176,6 +194,11 @@ class iDDPMPrecond(Precond):  # noqa: N801 (EDM's class name)
     index = jnp.argmin(jnp.abs(sigma.reshape(-1, 1) - u[None, :]), axis=1)
     c_noise = (self.M - 1 - index).astype(sigma.dtype).reshape(sigma.shape)
     return 1, -sigma, 1 / jnp.sqrt(sigma ** 2 + 1), c_noise
+
+
+@functools.lru_cache(maxsize=8)
+def _u_table(M, C_1, C_2):
+  return iddpm_u_table(M, C_1, C_2)
 
 
 PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,

@@ -13,22 +13,11 @@ import struct
 import zipfile
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
 
-# torch storage classes and the little-endian numpy dtype of their elements.
-STORAGE_DTYPES = {
-    "FloatStorage": np.dtype("<f4"),
-    "DoubleStorage": np.dtype("<f8"),
-    "HalfStorage": np.dtype("<f2"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
-}
+from sfd_jax.io.unpickler import (STORAGE_DTYPES, TENSOR_GLOBALS, CorruptDataError, RefusedGlobal,
+                                 RestrictedUnpickler, StorageType)
+
 _STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 
 _ARCHIVE = "archive"    # Record prefix; torch.load accepts any single top-level folder.
@@ -38,37 +27,6 @@ _PAD_FIELD_ID = 0x4246  # "FB": the zip extra-field id torch uses for that paddi
 
 class TorchFormatError(ValueError):
   """A `.pt` file cannot be written or read as a plain state dict."""
-
-
-class CorruptDataError(Exception):
-  """Raised while unpickling malformed tensor data; callers re-raise it naming the file."""
-
-
-_Malformed = CorruptDataError
-
-
-def rebuild_tensor(storage: np.ndarray, offset, size, stride) -> np.ndarray:
-  """Copies the strided view `(offset, size, stride)` (in elements) out of a 1-D storage.
-
-  Raises:
-    CorruptDataError: geometry that is not a valid view of `storage`.
-  """
-  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-    raise _Malformed("tensor storage is not a torch storage")
-  size, stride = tuple(size), tuple(stride)
-  if len(size) != len(stride) or any(not isinstance(v, int) or v < 0 for v in size + stride):
-    raise _Malformed(f"bad tensor geometry size={size} stride={stride}")
-  if not isinstance(offset, int) or offset < 0:
-    raise _Malformed(f"bad tensor storage offset {offset!r}")
-  if 0 in size:
-    return np.zeros(size, storage.dtype)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
-    raise _Malformed(f"tensor of size {size} reads past its storage of {storage.size} elements")
-  item = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
-  return np.array(view, copy=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,60 +120,31 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> None:
 # Reading.
 
 
-class _StorageType:
-  def __init__(self, name):
-    self.name = name
-
-
-class _StateDictUnpickler(pickle.Unpickler):
+class _StateDictUnpickler(RestrictedUnpickler):
   """Admits only what a saved state dict references; storages come from the zip records."""
+
+  SAFE_GLOBALS = TENSOR_GLOBALS
+  STORAGE_TYPES = True
 
   def __init__(self, file, load_storage):
     super().__init__(file)
     self._load_storage = load_storage
     self._storages = {}
 
-  def find_class(self, module, name):
-    if (module, name) == ("collections", "OrderedDict"):
-      return collections.OrderedDict
-    if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-      return _rebuild_tensor_v2
-    if (module, name) == ("torch._utils", "_rebuild_parameter"):
-      return _rebuild_parameter
-    if module == "torch" and name in STORAGE_DTYPES:
-      return _StorageType(name)
-    if module == "torch" and name.endswith("Storage"):
-      raise _Malformed(f"unsupported tensor storage type torch.{name}")
-    raise _Refused(f"{module}.{name}")
-
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
-      raise _Malformed(f"unexpected persistent id {pid!r:.80}")
+            and isinstance(pid[1], StorageType)):
+      raise CorruptDataError(f"unexpected persistent id {pid!r:.80}")
     _, storage_type, key, _, numel = pid
     if key not in self._storages:
-      self._storages[key] = self._load_storage(str(key), STORAGE_DTYPES[storage_type.name], numel)
+      self._storages[key] = self._load_storage(str(key), storage_type.dtype, numel)
     return self._storages[key]
-
-
-class _Refused(Exception):
-  pass
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-  del requires_grad, hooks, metadata
-  return rebuild_tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None):
-  del requires_grad, hooks
-  return data
 
 
 def _archive_prefix(archive: zipfile.ZipFile) -> str:
   pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
-    raise _Malformed("no <archive>/data.pkl record (not a torch zip-format file)")
+    raise CorruptDataError("no <archive>/data.pkl record (not a torch zip-format file)")
   return pickles[0][: -len("data.pkl")]
 
 
@@ -247,13 +176,13 @@ def load_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
         dtype = dtype if little else dtype.newbyteorder(">")
         data = archive.read(f"{prefix}data/{key}")
         if len(data) != numel * dtype.itemsize:
-          raise _Malformed(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
+          raise CorruptDataError(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
         return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
 
       result = _StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
-  except _Refused as e:
+  except RefusedGlobal as e:
     raise TorchFormatError(f"{path}: refused global {e} (not part of a state dict)") from None
-  except _Malformed as e:
+  except CorruptDataError as e:
     raise TorchFormatError(f"{path}: {e}") from None
   except (EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError) as e:
     raise TorchFormatError(f"{path}: corrupt .pt file ({type(e).__name__}: {e})") from None

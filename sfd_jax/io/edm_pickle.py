@@ -18,7 +18,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from sfd_jax.torch_format import STORAGE_DTYPES, CorruptDataError, rebuild_tensor
+from sfd_jax.io.unpickler import (TENSOR_GLOBALS, CorruptDataError, RefusedGlobal,
+                                 RestrictedUnpickler, StorageType)
 
 KNOWN_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 KNOWN_MODELS = ("SongUNet", "DhariwalUNet")
@@ -87,13 +88,6 @@ class ModuleDictStandIn:
     self.state = state if isinstance(state, dict) else {}
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  """A torch storage class named inside a legacy storage stream."""
-
-  name: str
-
-
 def _reconstruct_persistent_obj(meta):
   if not isinstance(meta, dict) or meta.get("type") != "class":
     raise _Malformed("persistent object metadata is not of type 'class'")
@@ -101,19 +95,6 @@ def _reconstruct_persistent_obj(meta):
   if not isinstance(class_name, str) or not isinstance(state, dict):
     raise _Malformed("persistent object metadata lacks class_name/state")
   return PersistentObject(class_name=class_name, state=state)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-  del requires_grad, backward_hooks, metadata  # Training-time flags: irrelevant here.
-  return rebuild_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-  del requires_grad, backward_hooks, state
-  if not isinstance(data, np.ndarray):
-    raise _Malformed("parameter data is not a tensor")
-  return data
 
 
 def _numpy_dtype(spec, align=False, copy=False):
@@ -137,20 +118,14 @@ def _numpy_scalar(dtype, data=None):
 # Legacy torch.save streams (one storage each).
 
 
-class _LegacyUnpickler(pickle.Unpickler):
+class _LegacyUnpickler(RestrictedUnpickler):
   """Reads one record of a legacy storage stream; admits only torch storage classes."""
+
+  STORAGE_TYPES = True
 
   def __init__(self, file, storages):
     super().__init__(file)
     self._storages = storages
-
-  def find_class(self, module, name):
-    if module == "torch" and name in STORAGE_DTYPES:
-      return _StorageType(name)
-    if module == "torch" and name.endswith("Storage"):
-      raise _Malformed(f"unsupported tensor storage type torch.{name} "
-                       f"(supported: {', '.join(STORAGE_DTYPES)})")
-    raise _Refused(f"{module}.{name}")
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -158,9 +133,9 @@ class _LegacyUnpickler(pickle.Unpickler):
     storage_type, key, _, numel = pid[1:5]
     if len(pid) > 5 and pid[5] is not None:
       raise _Malformed("storage views (torch < 1.0 files) are not supported")
-    if not isinstance(storage_type, _StorageType):
+    if not isinstance(storage_type, StorageType):
       raise _Malformed(f"unknown storage type {storage_type!r:.80}")
-    self._storages[key] = (STORAGE_DTYPES[storage_type.name], numel)
+    self._storages[key] = (storage_type.dtype, numel)
     return key
 
 
@@ -213,34 +188,20 @@ def _load_from_bytes(payload):
 # The snapshot unpickler.
 
 SAFE_GLOBALS = {
+    **TENSOR_GLOBALS,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch.storage", "_load_from_bytes"): _load_from_bytes,
     ("torch.nn.modules.container", "ModuleDict"): ModuleDictStandIn,
-    ("collections", "OrderedDict"): collections.OrderedDict,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # Name used by numpy >= 2.
     ("numpy", "dtype"): _numpy_dtype,
 }
 
 
-class _Refused(Exception):
-  """Raised when a pickle names a global outside `SAFE_GLOBALS`."""
+class _SnapshotUnpickler(RestrictedUnpickler):
+  """Maps the globals EDM snapshots use to inert stand-ins and refuses all others."""
 
-
-class _SnapshotUnpickler(pickle.Unpickler):
-  """Maps the globals EDM snapshots use to the stand-ins above and refuses all others."""
-
-  def find_class(self, module, name):
-    try:
-      return SAFE_GLOBALS[(module, name)]
-    except KeyError:
-      raise _Refused(f"{module}.{name}") from None
-
-  def persistent_load(self, pid):
-    raise _Malformed("unexpected persistent id in snapshot pickle")
+  SAFE_GLOBALS = SAFE_GLOBALS
 
 
 def load_snapshot_objects(path) -> Any:
@@ -269,7 +230,7 @@ def load_snapshot_objects(path) -> Any:
     f.seek(0)
     try:
       return _SnapshotUnpickler(f).load()
-    except _Refused as e:
+    except RefusedGlobal as e:
       raise EDMPickleError(f"{path}: refused global {e} (not used by EDM snapshots)") from None
     except _Malformed as e:
       raise EDMPickleError(f"{path}: corrupt EDM snapshot: {e}") from None
