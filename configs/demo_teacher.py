@@ -1,9 +1,9 @@
 r"""The embedded demo teacher: a small EDM (DDPM++) model of scikit-learn's 8x8 digits.
 
-  python -m sfd_jax.pretrain --config=configs/demo_teacher.py --workdir=runs/demo_teacher
+  python -m sfd_jax.demo.pretrain --config=configs/demo_teacher.py --workdir=runs/demo_teacher
 
 Writes runs/demo_teacher/teacher (a converted directory, EMA weights); the committed copy
-lives in sfd_jax/assets/digits_teacher.
+lives in sfd_jax/demo/assets/digits_teacher.
 """
 import ml_collections
 

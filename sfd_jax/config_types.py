@@ -1,15 +1,37 @@
-"""Typed, frozen views of the distillation config.
+"""The distillation config: typed, frozen dataclasses that are the one source of every default.
 
-The ml_collections ConfigDict is converted here, once, at the boundary (`from_config_dict`);
-the rest of the package receives these small hashable dataclasses (or single values taken
-from them), never the ConfigDict itself.
+`configs/default.py` is built from these dataclasses (`default_config()`), and the ConfigDict a
+user edits is converted back here, once, at the boundary (`from_config_dict`); the rest of the
+package receives these small hashable dataclasses (or single values taken from them), never
+the ConfigDict itself. Each field's comment is its documentation.
 """
 import dataclasses
+import difflib
+import math
 from typing import Any, Mapping
 
-SOLVER_NAMES = ('euler', 'heun', 'dpm', 'dpmpp', 'ipndm')
-SCHEDULE_NAMES = ('polynomial', 'logsnr', 'time_uniform')
 SFDV_NUM_STEPS = (4, 5, 6, 7)  # the official SFD-v loop draws num_steps from randint(4, 7)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """How a distilled student samples (Euler along its schedule); stored with its checkpoint."""
+  num_steps: int = 4                  # time points; NFE = num_steps - 1 (- 1 with AFS)
+  schedule_type: str = 'polynomial'   # a key of sfd_jax.schedules.SCHEDULES
+  schedule_rho: float = 7.0           # polynomial / time_uniform exponent
+  afs: bool = True                    # analytical first step (saves one NFE)
+  sigma_min: float = 0.006
+  sigma_max: float = 80.0
+  use_step_condition: bool = False    # SFD-v: the network takes num_steps as a condition
+  solver: str = 'euler'               # the student's solver (SFD trains Euler steps)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = 'settings') -> 'SamplingSettings':
+    """Inverse of `to_dict`; a one-line ValueError names an unknown or mistyped key."""
+    return _typed(cls, d, where, what='sampling settings')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,134 +39,190 @@ class DistillSettings:
   """What defines one SFD iteration (SPEC §5); hashable, so usable as a jit static arg."""
   num_steps: int = 4                  # student time points; NFE = num_steps - 1 (- 1 with AFS)
   M: int = 3                          # teacher steps inserted per student interval
-  sampler_tea: str = 'dpmpp'          # teacher solver
+  sampler_tea: str = 'dpmpp'          # teacher solver: a key of sfd_jax.solvers.SOLVERS
   max_order: int = 3                  # teacher order (DPM-Solver++ 1..3, iPNDM 1..4)
-  predict_x0: bool = True             # DPM-Solver++ data prediction
-  lower_order_final: bool = True      # DPM-Solver++ lowers the order at the last steps
+  predict_x0: bool = True             # DPM-Solver++ in data-prediction form
+  lower_order_final: bool = True      # DPM-Solver++ lowers its order at the final steps
   thresholding: bool = True           # official dynamic thresholding of the teacher's x0 history
-  schedule_type: str = 'polynomial'
-  schedule_rho: float = 7.0
-  afs: bool = True                    # analytical first step for the student
+  schedule_type: str = 'polynomial'   # a key of sfd_jax.schedules.SCHEDULES
+  schedule_rho: float = 7.0           # polynomial / time_uniform exponent
+  afs: bool = True                    # analytical first step for the student (saves one NFE)
   sigma_min: float = 0.006            # SFD's value for EDM teachers (not EDM's 0.002)
   sigma_max: float = 80.0
-  use_step_condition: bool = False    # SFD-v: num_steps drawn per iteration, fed to the network
+  use_step_condition: bool = False    # SFD-v: num_steps drawn from {4,5,6,7} each iteration, fed to the net
 
   def with_num_steps(self, num_steps: int) -> 'DistillSettings':
     """Returns a copy for one SFD-v draw (M = 3 as the official loop forces, 2 for num_steps 3)."""
     return dataclasses.replace(self, num_steps=int(num_steps), M=2 if num_steps == 3 else 3)
 
-  def sampling_settings(self) -> dict:
-    """The settings a sampler needs, as stored with the student checkpoint."""
-    return dict(num_steps=self.num_steps, schedule_type=self.schedule_type, rho=self.schedule_rho,
-                afs=self.afs, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                use_step_condition=self.use_step_condition)
+  def sampling(self) -> SamplingSettings:
+    """The settings the distilled student samples with (stored with its checkpoint)."""
+    return SamplingSettings(num_steps=self.num_steps, schedule_type=self.schedule_type,
+                            schedule_rho=self.schedule_rho, afs=self.afs, sigma_min=self.sigma_min,
+                            sigma_max=self.sigma_max, use_step_condition=self.use_step_condition)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSettings:
   """Adam as torch.optim.Adam with the official SFD values."""
-  lr: float = 5e-5
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
+  lr: float = 5e-5                    # Adam learning rate
+  b1: float = 0.9                     # Adam beta1
+  b2: float = 0.999                   # Adam beta2
+  eps: float = 1e-8                   # Adam epsilon (torch placement: after the sqrt)
   lr_drop_factor: float = 0.1         # lr multiplier once cur_kimg >= total_kimg / 2
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """The loop: duration, batch, logging and checkpoint cadence."""
-  batch: int = 128                    # global batch (trajectories per iteration)
-  total_kimg: float = 200.0
-  kimg_per_tick: float = 1.0
-  checkpoint_ticks: int = 10          # save an Orbax checkpoint (and sample grid) every N ticks
-  max_checkpoints: int = 3
-  grid_size: int = 8                  # the sample grid is grid_size × grid_size images
-  seed: int = 0
-  dropout: float = -1.0               # student dropout; < 0 keeps the teacher's configured rate
-  distributed: bool = False           # call jax.distributed.initialize() (multi-host)
-  compilation_cache: str = ''         # persistent XLA compilation cache directory ('' = off)
-  is_second_stage: bool = False       # 1-NFE second stage (LPIPS): not implemented
-  demo_report: bool = False           # write sfd_jax.demo's report after training
+  batch: int = 128                    # global batch: trajectories per iteration, all devices
+  total_kimg: float = 200.0           # thousands of trajectories to train for
+  kimg_per_tick: float = 1.0          # progress line every this many kimg
+  checkpoint_ticks: int = 10          # Orbax checkpoint + sample grid every this many ticks
+  max_checkpoints: int = 3            # checkpoints kept in the workdir
+  grid_size: int = 8                  # the sample grid is grid_size x grid_size images
+  seed: int = 0                       # everything random derives from jax.random.key(seed)
+  dropout: float = -1.0               # student dropout; < 0 keeps the teacher network's rate
+  distributed: bool = False           # multi-host: call jax.distributed.initialize()
+  compilation_cache: str = ''         # persistent XLA cache dir: a resumed run skips recompiling
+  is_second_stage: bool = False       # 1-NFE second stage with LPIPS (not implemented)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """The whole run, typed."""
-  teacher: str
-  dataset_name: str
-  img_resolution: int                 # expected teacher resolution; 0 accepts any
-  label_dim: int                      # expected teacher label dimension; < 0 accepts any
-  distill: DistillSettings
-  optim: OptimSettings
-  train: TrainSettings
+  teacher: str = ''                   # EDM snapshot pickle, converted directory or SFD workdir (required)
+  dataset_name: str = 'cifar10'       # informational; recorded with the student
+  img_resolution: int = 0             # expected teacher resolution (checked at load); 0 accepts any
+  label_dim: int = -1                 # expected teacher label dimension (checked at load); < 0 accepts any
+  distill: DistillSettings = DistillSettings()
+  optim: OptimSettings = OptimSettings()
+  train: TrainSettings = TrainSettings()
 
 
-def _typed(cls, section: Mapping[str, Any], where: str):
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default)}
+
+
+def default_config():
+  """The ConfigDict of every field at its default (what `configs/default.py` returns)."""
+  import ml_collections  # only the config boundary needs it
+  return ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
+
+
+def _suggest(key: str, valid, where: str) -> str:
+  close = difflib.get_close_matches(key, list(valid), n=1) or [v for v in valid if v.endswith('_' + key)][:1]
+  prefix = f'{where}.' if where else ''
+  return f' (did you mean {prefix}{close[0]}?)' if close else f' (valid: {", ".join(sorted(valid))})'
+
+
+def is_config_key(path: str) -> bool:
+  """Whether a dotted path ('train.batch') names a field of `RunConfig`."""
+  node = RunConfig()
+  for part in path.split('.'):
+    if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+      return False
+    node = getattr(node, part)
+  return True
+
+
+def unknown_key_message(path: str) -> str:
+  """'unknown config key train.bacth (did you mean train.batch?)' for a dotted config path."""
+  *parents, key = path.split('.')
+  valid = {f.name: f for f in dataclasses.fields(RunConfig)}
+  where = ''
+  for part in parents:
+    field = valid.get(part)
+    if field is None or not dataclasses.is_dataclass(field.default):
+      close = difflib.get_close_matches(part, list(valid), n=1)
+      fixed = path.replace(part, close[0], 1) if close else ''
+      if fixed and is_config_key(fixed):
+        return f'unknown config key {path} (did you mean {fixed}?)'
+      return f'unknown config key {path}' + _suggest(part, valid, where)
+    valid = {f.name: f for f in dataclasses.fields(field.default)}
+    where = f'{where}.{part}' if where else part
+  return f'unknown config key {path}' + _suggest(key, valid, where)
+
+
+def _convert(value, default, where: str, what: str = 'config'):
+  """`value` as the type of `default`, strictly: 4.7 is not an int, 'yes' is not a float."""
+  kind = type(default)
+  if kind is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ('true', 'false'):
+      return value.lower() == 'true'
+  elif kind is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+  elif kind is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif kind is str and isinstance(value, str):
+    return value
+  raise ValueError(f'{what}: {where}={value!r} is not a valid {kind.__name__}')
+
+
+def _typed(cls, section: Mapping[str, Any], where: str, what: str = 'config'):
   """Builds `cls` from a mapping, with a one-line error naming the unknown or mistyped key."""
   fields = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in dict(section).items():
+    path = f'{where}.{key}' if where else key
     if key not in fields:
-      raise ValueError(f'config: unknown key {where}.{key} (valid: {", ".join(sorted(fields))})')
+      raise ValueError(f'unknown {what} key {path}' + _suggest(key, fields, where))
     default = fields[key].default
-    try:
-      kwargs[key] = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
-    except (TypeError, ValueError):
-      raise ValueError(f'config: {where}.{key}={value!r} is not a valid {type(default).__name__}') from None
+    if dataclasses.is_dataclass(default):
+      if not isinstance(value, Mapping):
+        raise ValueError(f'{what}: {path} must be a section, got {value!r}')
+      kwargs[key] = _typed(type(default), value, path, what)
+    else:
+      kwargs[key] = _convert(value, default, path, what)
   return cls(**kwargs)
 
 
-def _as_bool(value) -> bool:
-  if isinstance(value, str):
-    if value.lower() in ('true', '1', 'yes'):
-      return True
-    if value.lower() in ('false', '0', 'no'):
-      return False
-    raise ValueError(value)
-  return bool(value)
-
-
 def validate(run: RunConfig) -> None:
-  """Checks values that would otherwise fail deep inside tracing; one-line ValueErrors."""
+  """Checks the values the registries and the loop depend on; one-line ValueErrors.
+
+  Solver and schedule names and their settings are checked by the solver and schedule
+  modules themselves (their registries hold the valid names).
+  """
+  from sfd_jax import schedules, solvers  # pure modules; no Flax
   d, t = run.distill, run.train
-  if d.sampler_tea not in SOLVER_NAMES:
-    raise ValueError(f'config: distill.sampler_tea={d.sampler_tea!r} unknown (valid: {", ".join(SOLVER_NAMES)})')
-  if d.schedule_type not in SCHEDULE_NAMES:
-    raise ValueError(f'config: distill.schedule_type={d.schedule_type!r} unknown '
-                     f'(valid: {", ".join(SCHEDULE_NAMES)})')
-  if d.num_steps < 2 or d.M < 0:
-    raise ValueError(f'config: distill.num_steps={d.num_steps} must be >= 2 and distill.M={d.M} >= 0')
-  if not 0 < d.sigma_min < d.sigma_max:
-    raise ValueError(f'config: need 0 < distill.sigma_min ({d.sigma_min}) < distill.sigma_max ({d.sigma_max})')
+  if d.sampler_tea not in solvers.SOLVERS:
+    raise ValueError(f'config: distill.sampler_tea={d.sampler_tea!r} unknown (valid: {", ".join(sorted(solvers.SOLVERS))})')
+  for check, args in ((solvers.validate_solver, (d.sampler_tea, (d.M + 1) * (d.num_steps - 1) + 1, d.max_order)),
+                      (schedules.validate_schedule,
+                       (d.num_steps, d.sigma_min, d.sigma_max, d.schedule_type, d.schedule_rho))):
+    try:
+      check(*args)
+    except ValueError as e:  # 'max_order: ...' -> 'config: distill.max_order: ...'
+      text = str(e).replace('rho:', 'schedule_rho:', 1) if str(e).startswith('rho:') else str(e)
+      raise ValueError(f'config: distill.{text}') from None
+  if d.M < 0:
+    raise ValueError(f'config: distill.M={d.M} must be >= 0')
   if t.batch < 1 or t.total_kimg <= 0 or t.kimg_per_tick <= 0 or t.checkpoint_ticks < 1:
     raise ValueError('config: train.batch, train.total_kimg, train.kimg_per_tick and train.checkpoint_ticks '
                      'must be positive')
+  if not math.isfinite(t.total_kimg):
+    raise ValueError(f'config: train.total_kimg={t.total_kimg} must be finite')
   if t.is_second_stage:
     raise NotImplementedError('config: train.is_second_stage=True (1-NFE stage with LPIPS) is not implemented')
 
 
 def from_config_dict(config) -> RunConfig:
-  """Converts the ConfigDict of configs/default.py into a validated `RunConfig`.
-
-  Args:
-    config: an ml_collections.ConfigDict (or nested mapping) with keys teacher,
-      dataset_name, img_resolution, label_dim, distill, optim, train.
-
-  Returns:
-    The typed `RunConfig`.
+  """Converts the ConfigDict of configs/*.py into a validated `RunConfig`.
 
   Raises:
     ValueError: one line naming the unknown key or bad value.
   """
-  top = dict(config)
-  known = {'teacher', 'dataset_name', 'img_resolution', 'label_dim', 'distill', 'optim', 'train'}
-  for key in top:
-    if key not in known:
-      raise ValueError(f'config: unknown key {key} (valid: {", ".join(sorted(known))})')
-  run = RunConfig(teacher=str(top.get('teacher', '')), dataset_name=str(top.get('dataset_name', '')),
-                  img_resolution=int(top.get('img_resolution', 0)), label_dim=int(top.get('label_dim', -1)),
-                  distill=_typed(DistillSettings, top.get('distill', {}), 'distill'),
-                  optim=_typed(OptimSettings, top.get('optim', {}), 'optim'),
-                  train=_typed(TrainSettings, top.get('train', {}), 'train'))
+  run = _typed(RunConfig, _plain_dict(config), '')
   validate(run)
   return run
+
+
+def _plain_dict(config) -> dict:
+  if hasattr(config, 'to_dict'):
+    return config.to_dict()
+  return {k: _plain_dict(v) if isinstance(v, Mapping) else v for k, v in dict(config).items()}

@@ -8,39 +8,26 @@ A converted directory loads later without torch and without the pickle (`load_te
 A `.pt` destination gets an EDM-named state dict that `torch.load(..., weights_only=True)`
 and EDM's `net.load_state_dict` accept. Errors are one line on stderr, exit status 2.
 """
-import argparse
 import sys
 
-from sfd_jax import networks, teacher
+from absl import flags
 
+from sfd_jax import cli
 
-def _parse(argv):
-  parser = argparse.ArgumentParser(prog="python -m sfd_jax.convert", description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True, help="EDM snapshot .pkl, converted directory or SFD workdir")
-  parser.add_argument("--dst", required=True, help="new directory, or FILE.pt for a PyTorch state dict")
-  return parser.parse_args(argv)
-
-
-def convert(src, dst) -> str:
-  """Converts `src` into `dst` (a new directory, or a `.pt` file) and describes the result."""
-  config, variables = teacher.load_network(src)
-  count = networks.count_params(variables)
-  if str(dst).endswith(".pt"):
-    teacher.export_state_dict(variables, dst)
-  else:
-    teacher.save_converted(dst, config, variables)
-  return f"wrote {dst} ({count:,} parameters)"
+PROG = 'python -m sfd_jax.convert'
 
 
 def main(argv=None) -> int:
-  args = _parse(argv)
-  try:
-    print(convert(args.src, args.dst))
-  except (ValueError, OSError) as e:
-    print(f"convert: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  fv = cli.new_flags()
+  src = flags.DEFINE_string('src', None, 'EDM snapshot .pkl, converted directory or SFD workdir', flag_values=fv)
+  dst = flags.DEFINE_string('dst', None, 'new directory, or FILE.pt for a PyTorch state dict', flag_values=fv)
+  cli.parse(PROG, __doc__, fv, sys.argv[1:] if argv is None else argv)
+  for flag in (src, dst):
+    if not flag.value:
+      cli.fail(PROG, f'--{flag.name} is required')
+  from sfd_jax import io  # imported late: flag errors stay fast
+  return cli.run(PROG, lambda: print(io.convert_network(src.value, dst.value)))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

@@ -11,6 +11,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.registry import Registry
+
 # VP-SDE end time used to map the `time_uniform` schedule to noise levels (DPM-Solver's value).
 _EPSILON_S = 1e-3
 
@@ -68,14 +70,7 @@ def _time_uniform(num_steps, sigma_min, sigma_max, rho, dtype):
   return np.sqrt(np.exp(exponent.astype(np.float64)).astype(dtype) - one).astype(dtype)
 
 
-class _Registry(dict):
-  """A name -> implementation dict whose KeyError lists the valid names."""
-
-  def __missing__(self, key):
-    raise KeyError(f'{key!r}: unknown schedule; valid: {sorted(self)}')
-
-
-SCHEDULES = _Registry({
+SCHEDULES = Registry('schedule', {
     'polynomial': _polynomial,
     'logsnr': _logsnr,
     'time_uniform': _time_uniform,

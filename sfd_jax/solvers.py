@@ -15,10 +15,13 @@ can start with the analytical first step (AFS), which replaces the first denoise
 d = x / sqrt(1 + t^2).
 """
 import functools
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sfd_jax.registry import Registry
 
 # Official dynamic-thresholding quantile of |x0| (per sample).
 THRESHOLD_QUANTILE = 0.995
@@ -371,21 +374,32 @@ def _one_step_solver(step):
   return solve
 
 
-class _Registry(dict):
-  """A name -> implementation dict whose KeyError lists the valid names."""
+class Solver(NamedTuple):
+  """A registered solver."""
+  fn: Callable                        # fn(denoise, x, t_steps, *, afs, keep_points, ...)
+  orders: Optional[tuple]             # (lowest, highest, default) max_order; None: no order
+  nfe_per_step: int                   # network calls per interval (AFS saves one in total)
 
-  def __missing__(self, key):
-    raise KeyError(f'{key!r}: unknown solver; valid: {sorted(self)}')
 
-
-# name -> (solver, (lowest, highest, default) max_order or None when the solver has no order).
-SOLVERS = _Registry({
-    'euler': (_one_step_solver(_euler), None),
-    'heun': (_one_step_solver(_heun), None),
-    'dpm': (_one_step_solver(_dpm2), None),
-    'ipndm': (_ipndm_solver, (1, 4, 4)),
-    'dpmpp': (_dpmpp_solver, (1, 3, 3)),
+SOLVERS = Registry('solver', {
+    'euler': Solver(_one_step_solver(_euler), None, 1),
+    'heun': Solver(_one_step_solver(_heun), None, 2),
+    'dpm': Solver(_one_step_solver(_dpm2), None, 2),
+    'ipndm': Solver(_ipndm_solver, (1, 4, 4), 1),
+    'dpmpp': Solver(_dpmpp_solver, (1, 3, 3), 1),
 })
+
+
+def nfe(solver: str, num_steps: int, afs: bool = False) -> int:
+  """Network calls of `solver` over `num_steps` time points (AFS replaces the first call)."""
+  return SOLVERS[solver].nfe_per_step * (num_steps - 1) - int(afs)
+
+
+def num_steps_for_nfe(solver: str, nfe_target: int, afs: bool = False) -> Optional[int]:
+  """Time points that give exactly `nfe_target` network calls, or None if none does."""
+  per_step = SOLVERS[solver].nfe_per_step
+  intervals, remainder = divmod(nfe_target + int(afs), per_step)
+  return intervals + 1 if remainder == 0 and intervals >= 1 else None
 
 
 def validate_solver(solver, num_steps, max_order=None):
@@ -404,7 +418,7 @@ def validate_solver(solver, num_steps, max_order=None):
     raise ValueError(f'solver: unknown solver {solver!r}; valid: {sorted(SOLVERS)}')
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
     raise ValueError(f'num_steps: need at least 2 time points (NFE + 1), got {num_steps!r}')
-  orders = SOLVERS[solver][1]
+  orders = SOLVERS[solver].orders
   if orders is None:
     return None
   lowest, highest, default = orders
@@ -446,7 +460,7 @@ def sample(denoise, latents, t_steps, solver, *, afs=False, max_order=None, pred
     raise ValueError(f't_steps: need a 1-D schedule, got shape {jnp.shape(t_steps)}')
   num_steps = jnp.shape(t_steps)[0]
   max_order = validate_solver(solver, num_steps, max_order)
-  fn, orders = SOLVERS[solver]
+  fn, orders, _ = SOLVERS[solver]
   if solver == 'dpmpp':
     fn = functools.partial(fn, max_order=max_order, predict_x0=predict_x0,
                            lower_order_final=lower_order_final, thresholding=thresholding)

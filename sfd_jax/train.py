@@ -262,7 +262,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   stats = TickStats(time.time(), nimg)
   meta_of = lambda: dict(nimg=nimg, iteration=iteration, kimg=nimg / 1000,
                          rng_key_data=np.asarray(jax.random.key_data(base_key)).tolist(),
-                         network=cfg.to_dict(), settings=run.distill.sampling_settings(),
+                         network=cfg.to_dict(), settings=run.distill.sampling().to_dict(),
                          distill=dataclasses.asdict(run.distill), dataset_name=run.dataset_name)
   write_grid = make_grid_writer(models, run.distill, run.train.grid_size, run.train.seed) if is_main else None
   log(f'Training for {run.train.total_kimg} kimg on {jax.device_count()} device(s)...')
@@ -300,3 +300,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   manager.close()
   final = {'params': jax.device_get(params), 'buffers': jax.device_get(buffers)}
   return models, final, run.distill
+
+
+def run(config, workdir, *, log: Callable[[str], None] = print):
+  """`train` for a ConfigDict of configs/*.py (validated and typed first); what the CLI and notebook call."""
+  from sfd_jax import config_types  # pylint: disable=g-import-not-at-top
+  return train(config_types.from_config_dict(config), workdir, log=log)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfd_jax import demo
+from sfd_jax.demo import report as demo
 
 
 @pytest.mark.parametrize('solver', ['euler', 'ipndm', 'dpmpp', 'heun'])
@@ -63,20 +63,18 @@ def test_grid_has_one_row_per_method_and_the_same_columns(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_end_to_end(tmp_path, monkeypatch):
+def test_demo_command_end_to_end(tmp_path):
   """The README's first command at reduced size: distil the bundled teacher, then the report."""
-  from absl import flags
   from configs import demo as demo_config
-  from sfd_jax import main
-  monkeypatch.setattr(demo, 'DEFAULT_OPTIONS', demo.EvalOptions(
-      nfes=(2, 3), num_samples=24, reference_steps=9, check_steps=5, batch=24, grid_columns=4))
+  from sfd_jax.demo import pipeline
+  options = demo.EvalOptions(nfes=(2, 3), num_samples=24, reference_steps=9, check_steps=5, batch=24,
+                             grid_columns=4)
   config = demo_config.get_config()
   assert os.path.isdir(config.teacher), 'the demo teacher must ship with the package'
   config.train.batch = 16
   config.train.total_kimg = 0.032
   config.train.kimg_per_tick = 0.016
-  flags.FLAGS.unparse_flags()
-  main.run(config, str(tmp_path))
+  pipeline.run(config, str(tmp_path), options)
   report = json.loads((tmp_path / 'report.json').read_text())
   methods = set(report['method_order'])
   assert {'Euler', 'iPNDM', 'DPM-Solver++(3M)', 'Heun', 'SFD'} <= methods

@@ -10,9 +10,9 @@ import scipy.linalg
 from ml_collections import ConfigDict
 
 from configs import demo_teacher
-from sfd_jax import data
-from sfd_jax import fd
-from sfd_jax import pretrain
+from sfd_jax.demo import data
+from sfd_jax.demo import features as fd
+from sfd_jax.demo import pretraining as pretrain
 
 
 def test_digits_range_shape_and_upsampling():
@@ -137,8 +137,8 @@ def test_feature_net_classifies_digits_and_separates_noise():
 def test_pretrain_cli_without_flags_exits_2_with_one_line(tmp_path):
   import subprocess
   import sys
-  proc = subprocess.run([sys.executable, '-m', 'sfd_jax.pretrain'], capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, '-m', 'sfd_jax.demo.pretrain'], capture_output=True, text=True,
                         cwd=str(tmp_path), timeout=120)
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith('pretrain: --config and --workdir are required')
+  assert proc.stderr.strip().splitlines()[-1].startswith('python -m sfd_jax.demo.pretrain: error: --config and --workdir are required')
   assert 'Traceback' not in proc.stderr

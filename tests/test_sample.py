@@ -1,5 +1,7 @@
 """Tests for sfd_jax.sample and sfd_jax.images: seed-determined images on 1 and 8 devices,
 class labels, EDM's file layout and quantisation, one-line CLI errors."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import EDM_FIXTURES
-from sfd_jax import images, sample, schedules
+from sfd_jax import images, sample, sampling, schedules
+from sfd_jax.config_types import SamplingSettings
 
 SHAPE = (4, 4, 3)
 T_STEPS = schedules.get_schedule(4, 0.002, 80.0)
@@ -26,13 +29,13 @@ def gaussian_denoise(variables, x, sigma, class_labels):
     ("0-4", [0, 1, 2, 3, 4]), ("7", [7]), ("1,5,10-12", [1, 5, 10, 11, 12]), (" 3 , 2 ", [3, 2]),
     ("0-49999", list(range(50000)))])
 def test_parse_seeds(text, seeds):
-  assert sample.parse_seeds(text) == seeds
+  assert sampling.parse_seeds(text) == seeds
 
 
 @pytest.mark.parametrize("text", ["", "a", "1,,2", "5-3", "1-2-3", "-1", "1.5", "0-4294967296"])
 def test_parse_seeds_errors(text):
   with pytest.raises(ValueError, match=r"^--seeds: ") as info:
-    sample.parse_seeds(text)
+    sampling.parse_seeds(text)
   assert "\n" not in str(info.value)
 
 
@@ -43,21 +46,21 @@ def test_parse_seeds_errors(text):
 def test_same_seed_same_image_across_batch_sizes_and_devices():
   seeds = range(10)
   kw = dict(t_steps=T_STEPS, solver="heun")
-  ref = sample.generate(gaussian_denoise, SHAPE, seeds, batch_size=3, **kw)
+  ref = sampling.generate(gaussian_denoise, SHAPE, seeds, batch_size=3, **kw)
   assert ref.shape == (10,) + SHAPE and ref.dtype == np.float32
   assert len(jax.local_devices()) == 8
-  np.testing.assert_array_equal(sample.generate(gaussian_denoise, SHAPE, seeds, batch_size=8, **kw), ref)
+  np.testing.assert_array_equal(sampling.generate(gaussian_denoise, SHAPE, seeds, batch_size=8, **kw), ref)
   one = jax.local_devices()[:1]
-  np.testing.assert_array_equal(sample.generate(gaussian_denoise, SHAPE, seeds, batch_size=3, devices=one, **kw), ref)
-  np.testing.assert_array_equal(sample.generate(gaussian_denoise, SHAPE, seeds, batch_size=8, devices=one, **kw), ref)
+  np.testing.assert_array_equal(sampling.generate(gaussian_denoise, SHAPE, seeds, batch_size=3, devices=one, **kw), ref)
+  np.testing.assert_array_equal(sampling.generate(gaussian_denoise, SHAPE, seeds, batch_size=8, devices=one, **kw), ref)
   # A seed's image does not depend on its neighbours either.
-  np.testing.assert_array_equal(sample.generate(gaussian_denoise, SHAPE, [7, 2], **kw), ref[[7, 2]])
+  np.testing.assert_array_equal(sampling.generate(gaussian_denoise, SHAPE, [7, 2], **kw), ref[[7, 2]])
 
 
 def test_latents_are_unit_gaussian_and_distinct_per_seed():
   # With D = 0, Euler gives x_N = z * t_last exactly in real arithmetic: recover z.
   zero = lambda v, x, s, c: jnp.zeros_like(x)
-  out = sample.generate(zero, (8, 8, 3), range(64), t_steps=T_STEPS, solver="euler", batch_size=64)
+  out = sampling.generate(zero, (8, 8, 3), range(64), t_steps=T_STEPS, solver="euler", batch_size=64)
   z = out / float(T_STEPS[-1])
   assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
   corr = np.corrcoef(z.reshape(64, -1))
@@ -71,7 +74,7 @@ def test_traced_once_for_all_batches():
     calls.append(1)
     return gaussian_denoise(variables, x, sigma, class_labels)
 
-  batches = list(sample.generate_batches(counted, SHAPE, range(20), t_steps=T_STEPS, solver="euler", batch_size=8))
+  batches = list(sampling.generate_batches(counted, SHAPE, range(20), t_steps=T_STEPS, solver="euler", batch_size=8))
   assert [len(s) for s, _, _ in batches] == [8, 8, 4]  # last batch padded, then cut
   assert len(calls) == 1  # one trace of the scanned step body, for every batch and step
 
@@ -79,8 +82,8 @@ def test_traced_once_for_all_batches():
 def test_variables_are_passed_through():
   variables = {"shift": jnp.float32(0.5)}
   den = lambda v, x, s, c: gaussian_denoise(None, x, s, c) + v["shift"]
-  a = sample.generate(den, SHAPE, range(4), t_steps=T_STEPS, solver="euler", variables=variables)
-  b = sample.generate(den, SHAPE, range(4), t_steps=T_STEPS, solver="euler", variables={"shift": jnp.float32(0.0)})
+  a = sampling.generate(den, SHAPE, range(4), t_steps=T_STEPS, solver="euler", variables=variables)
+  b = sampling.generate(den, SHAPE, range(4), t_steps=T_STEPS, solver="euler", variables={"shift": jnp.float32(0.0)})
   assert np.max(np.abs(a - b)) > 0.1
 
 
@@ -90,7 +93,7 @@ def _classes_seen(seeds, **kw):
   t = schedules.get_schedule(2, 0.002, 80.0)
   with_class = lambda v, x, s, c: x - s * jnp.argmax(c, axis=1).astype(x.dtype)[:, None, None, None]
   plain = lambda v, x, s, c: x
-  out = [list(sample.generate_batches(fn, SHAPE, seeds, t_steps=t, num_classes=10, **kw)) for fn in (with_class, plain)]
+  out = [list(sampling.generate_batches(fn, SHAPE, seeds, t_steps=t, num_classes=10, **kw)) for fn in (with_class, plain)]
   moved = np.concatenate([b[1] for b in out[0]]) - np.concatenate([b[1] for b in out[1]])
   seen = np.rint(moved.mean(axis=(1, 2, 3)) / float(t[1] - t[0])).astype(int)
   returned = np.concatenate([b[2] for b in out[0]])
@@ -102,7 +105,7 @@ def test_class_per_seed_is_batch_independent():
   seen8, _ = _classes_seen(range(40), batch_size=8, devices=jax.local_devices()[:1])
   np.testing.assert_array_equal(seen3, returned3)
   np.testing.assert_array_equal(seen3, seen8)
-  np.testing.assert_array_equal(seen3, np.asarray(sample.seed_classes(jnp.arange(40), 10)))
+  np.testing.assert_array_equal(seen3, np.asarray(sampling.seed_classes(jnp.arange(40), 10)))
   assert seen3.min() >= 0 and seen3.max() <= 9 and len(set(seen3)) >= 6
 
 
@@ -124,7 +127,7 @@ def test_generate_errors_before_compiling(kw, match):
   den = lambda *a: calls.append(1) or gaussian_denoise(*a)
   seeds = kw.pop("seeds", range(3))
   with pytest.raises(ValueError, match=match):
-    sample.generate_batches(den, SHAPE, seeds, t_steps=T_STEPS, **kw)  # raises at the call
+    sampling.generate_batches(den, SHAPE, seeds, t_steps=T_STEPS, **kw)  # raises at the call
   assert not calls
 
 
@@ -166,7 +169,7 @@ PKL = str(EDM_FIXTURES / "edm_ddpmpp_uncond.pkl")
 def test_cli_teacher_end_to_end(tmp_path):
   argv = ["--network", PKL, "--seeds", "0-2,1500", "--batch", "3", "--solver", "dpmpp", "--num_steps", "3",
           "--afs", "--outdir", str(tmp_path / "png"), "--npz", str(tmp_path / "all.npz"),
-          "--grid", str(tmp_path / "grid.png"), "--no-progress"]
+          "--grid", str(tmp_path / "grid.png"), "--noprogress"]
   assert sample.main(argv) == 0
   data = np.load(tmp_path / "all.npz")
   np.testing.assert_array_equal(data["seeds"], [0, 1, 2, 1500])
@@ -182,7 +185,7 @@ def test_cli_teacher_end_to_end(tmp_path):
   from sfd_jax.teacher import load_teacher  # pylint: disable=g-import-not-at-top
   teacher = load_teacher(PKL)
   den = lambda v, x, s, c: teacher.denoise(v, x, s, class_labels=c)
-  out = sample.generate(den, (16, 16, 3), [0, 1, 2, 1500], t_steps=schedules.get_schedule(3, 0.002, 80.0),
+  out = sampling.generate(den, (16, 16, 3), [0, 1, 2, 1500], t_steps=schedules.get_schedule(3, 0.002, 80.0),
                         solver="dpmpp", afs=True, variables=teacher.params, batch_size=1,
                         devices=jax.local_devices()[:1])
   np.testing.assert_array_equal(images.to_uint8(out), data["arr_0"])
@@ -201,7 +204,7 @@ def test_cli_teacher_end_to_end(tmp_path):
     (["--network", PKL, "--grid", "g.png", "--class", "3"], "--class: the model is unconditional"),
     (["--network", "/no/such.pkl", "--grid", "g.png"], "/no/such.pkl: no such file or directory"),
     (["--student", "/no/such/run", "--grid", "g.png"], "/no/such/run: no such student checkpoint"),
-    (["--network", PKL, "--student", "x", "--grid", "g.png"], "not allowed with argument"),
+    (["--network", PKL, "--student", "x", "--grid", "g.png"], "--network or --student: give the model to sample from (exactly one)"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, message):
   with pytest.raises(SystemExit) as info:
@@ -213,19 +216,17 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 
 
 def test_student_settings_come_from_the_checkpoint():
-  stored = dict(num_steps=4, schedule_type="polynomial", rho=7.0, afs=True, sigma_min=0.006, sigma_max=80.0,
-                use_step_condition=False)
-  args = sample._flags().parse_args(["--student", "x"])
-  s = sample._student_settings(args, stored)
-  assert (s["solver"], s["num_steps"], s["solver_opts"], s["step_condition"]) == ("euler", 4, {"afs": True}, None)
+  stored = SamplingSettings(num_steps=4, schedule_type="polynomial", schedule_rho=7.0, afs=True, sigma_min=0.006,
+                            sigma_max=80.0, use_step_condition=False)
+  s = sampling.student_settings(stored)
+  assert (s.solver, s.num_steps, s.afs, s.use_step_condition) == ("euler", 4, True, False)
   with pytest.raises(ValueError, match=r"^--num_steps: this student was distilled for 4 time points"):
-    sample._student_settings(sample._flags().parse_args(["--student", "x", "--num_steps", "6"]), stored)
+    sampling.student_settings(stored, num_steps=6)
   with pytest.raises(ValueError, match=r"^--solver: a student samples with the settings stored"):
-    sample._student_settings(sample._flags().parse_args(["--student", "x", "--solver", "heun"]), stored)
+    sampling.student_settings(stored, solver="heun")
   # SFD-v: any num_steps, passed to the network as its step condition.
-  s = sample._student_settings(sample._flags().parse_args(["--student", "x", "--num_steps", "6"]),
-                               dict(stored, use_step_condition=True))
-  assert (s["num_steps"], s["step_condition"]) == (6, 6)
+  s = sampling.student_settings(dataclasses.replace(stored, use_step_condition=True), num_steps=6)
+  assert (s.num_steps, s.use_step_condition) == (6, True)
 
 
 def test_cli_student_end_to_end(tmp_path):
@@ -234,8 +235,8 @@ def test_cli_student_end_to_end(tmp_path):
   from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sfd_jax.teacher import load_teacher  # pylint: disable=g-import-not-at-top
   teacher = load_teacher(PKL)
-  settings = dict(num_steps=3, schedule_type="polynomial", rho=7.0, afs=True, sigma_min=0.006, sigma_max=80.0,
-                  use_step_condition=False)
+  settings = SamplingSettings(num_steps=3, schedule_type="polynomial", schedule_rho=7.0, afs=True,
+                              sigma_min=0.006, sigma_max=80.0, use_step_condition=False).to_dict()
   manager = checkpoint.make_manager(tmp_path / "run")
   checkpoint.save(manager, 5, teacher.params["params"], teacher.params["buffers"], {"count": np.zeros((), np.int32)},
                   dict(network=teacher.config.to_dict(), settings=settings, dataset_name="fixture"))
@@ -243,8 +244,8 @@ def test_cli_student_end_to_end(tmp_path):
   manager.close()
   out_npz = tmp_path / "s.npz"
   assert sample.main(["--student", str(tmp_path / "run"), "--seeds", "3,4", "--npz", str(out_npz),
-                      "--no-progress"]) == 0
+                      "--noprogress"]) == 0
   den = lambda v, x, s, c: teacher.denoise(v, x, s, class_labels=c)
-  ref = sample.generate(den, (16, 16, 3), [3, 4], t_steps=schedules.get_schedule(3, 0.006, 80.0),
+  ref = sampling.generate(den, (16, 16, 3), [3, 4], t_steps=schedules.get_schedule(3, 0.006, 80.0),
                         solver="euler", afs=True, variables=teacher.params, batch_size=8)
   np.testing.assert_array_equal(np.load(out_npz)["arr_0"], images.to_uint8(ref))

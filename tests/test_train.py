@@ -135,7 +135,9 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_
     (['--config.teacher=/nonexistent/teacher.pkl'], 'config.teacher=/nonexistent/teacher.pkl: no such file'),
     (['--config.img_resolution=32'], 'resolution 16 but config.img_resolution=32'),
     (['--config.label_dim=10'], 'label_dim 0 but config.label_dim=10'),
-    (['--config.train.bogus=1'], 'unknown config key --config.train.bogus'),
+    (['--config.train.bogus=1'], 'unknown config key train.bogus'),
+    (['--config.train.bacth=1'], 'error: unknown config key train.bacth (did you mean train.batch?)'),
+    (['--config.distill.num_steps=4.7'], 'distill.num_steps'),
     (['--config.distill.sampler_tea=rk4'], "distill.sampler_tea='rk4' unknown"),
     (['--config.train.is_second_stage=True'], 'not implemented'),
 ])
@@ -173,11 +175,12 @@ def test_load_student_step_dir_and_missing(reference_run, tmp_path):
 
 
 def test_student_exports_to_edm_state_dict(reference_run, tmp_path):
-  """checkpoint.export_student writes a .pt with the teacher's EDM names plus the step layers."""
-  from sfd_jax import checkpoint, torch_format
-  from sfd_jax.edm_pickle import read_edm_snapshot
+  """A student exports to a .pt with the teacher's EDM names plus the step layers."""
+  from sfd_jax import checkpoint, io
+  from sfd_jax.io import torch_files as torch_format
+  from sfd_jax.io.edm_pickle import read_edm_snapshot
   out = tmp_path / 'student.pt'
-  checkpoint.export_student(reference_run[0], out)
+  io.export_state_dict(checkpoint.load_student(reference_run[0]).variables, out)
   exported = torch_format.load_state_dict(out)
   teacher = read_edm_snapshot(TEACHER).state_dict
   step_names = {n for n in exported if 'map_step' in n or 'affine_step' in n}
@@ -190,7 +193,8 @@ def test_student_exports_to_edm_state_dict(reference_run, tmp_path):
 
 def test_student_workdir_converts_and_loads_as_teacher(reference_run, tmp_path):
   """The convert CLI exports a student workdir; load_teacher reads it (second-stage teacher)."""
-  from sfd_jax import convert, teacher as teacher_lib, torch_format
+  from sfd_jax import convert, teacher as teacher_lib
+  from sfd_jax.io import torch_files as torch_format
   out = tmp_path / 'student.pt'
   assert convert.main([f'--src={reference_run[0]}', f'--dst={out}']) == 0
   exported = torch_format.load_state_dict(out)

@@ -14,7 +14,7 @@ import threadpoolctl
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 
-from sfd_jax import data
+from sfd_jax.demo import data
 
 HIDDEN_SIZES = (128, 64)
 

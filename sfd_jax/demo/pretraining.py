@@ -1,17 +1,16 @@
 """Trains the small EDM teacher of the embedded demo on scikit-learn's digits.
 
-    python -m sfd_jax.pretrain --config=configs/demo_teacher.py --workdir=DIR
+    python -m sfd_jax.demo.pretrain --config=configs/demo_teacher.py --workdir=DIR
 
 EDM's training recipe (Karras et al. 2022): log-normal noise levels, the loss weight
 (σ² + σ_d²) / (σ σ_d)², EDMPrecond, Adam with a linear learning-rate ramp-up, and an
 exponential moving average of the weights whose half-life is counted in images. Data
-augmentation is off. The EMA weights are written with `teacher.save_converted`, so
-`teacher.load_teacher(DIR/teacher)` reads them.
+augmentation is off. The EMA weights are written with `io.save_converted`, so
+`sfd_jax.load_teacher(DIR/teacher)` reads them.
 """
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -19,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfd_jax import data
+from sfd_jax.demo import data
 from sfd_jax import networks
-from sfd_jax import teacher as teacher_lib
+from sfd_jax import io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +140,7 @@ def make_train_step(denoise, optimizer, dataset, settings):
 def save_teacher(path, net_config, state):
   """Writes the EMA weights as a converted teacher directory."""
   variables = {'params': jax.device_get(state['ema']), 'buffers': jax.device_get(state['buffers'])}
-  teacher_lib.save_converted(path, net_config, variables)
+  io.save_converted(path, net_config, variables)
 
 
 def pretrain(config, workdir):
@@ -184,27 +183,3 @@ def pretrain(config, workdir):
   save_teacher(teacher_path, net_config, state)
   print(f'wrote {teacher_path} after {time.time() - start:.0f} s', flush=True)
   return teacher_path
-
-
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None or not workdir:
-    print('pretrain: --config and --workdir are required '
-          '(e.g. --config=configs/demo_teacher.py --workdir=runs/demo_teacher)', file=sys.stderr)
-    sys.exit(2)
-  try:
-    pretrain(config, workdir)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f'pretrain: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Teacher training config, e.g. configs/demo_teacher.py.')
-  flags.DEFINE_string('workdir', None, 'Output folder for the teacher and the log.')
-  app.run(main)

@@ -1,8 +1,9 @@
 """The demo report: how close few-step samplers and the SFD student get to the teacher's ODE.
 
-`write_demo_report` samples the same evaluation noise with the teacher's converged ODE
-solution (Heun, many steps), with training-free solvers at NFE 2..5 and with the SFD
-student, then writes `report.json`, `report.md` and `grid.png` to the workdir.
+`evaluate` samples the same evaluation noise with the teacher's converged ODE solution (Heun,
+many steps), with training-free solvers at NFE 2..5 and with the SFD student; `build_report`
+turns that into the report dictionary and `write_report` writes `report.json`, `report.md`
+and `grid.png`. `make_report` runs the three.
 Evaluation latents come from numpy's per-seed generators (EDM's convention of one
 generator per seed), a different generator family from the JAX key stream that
 distillation draws its training noise from, so no evaluation noise was ever trained on.
@@ -19,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sfd_jax import data
-from sfd_jax import fd
-from sfd_jax.images import to_uint8
 from sfd_jax import networks
 from sfd_jax import schedules
 from sfd_jax import solvers
+from sfd_jax.checkpoint import Student
+from sfd_jax.config_types import SamplingSettings
+from sfd_jax.demo import data
+from sfd_jax.demo import features as fd
+from sfd_jax.images import to_uint8
+from sfd_jax.teacher import Teacher
 
 # Training-free baselines: (row name, solver, extra solver kwargs). DPM-Solver++(3M) and
 # iPNDM are the strongest training-free few-step solvers in the SFD paper's tables.
@@ -68,20 +72,9 @@ def eval_latents(num_samples, shape, seed_start=EVAL_SEED_START):
                    for i in range(num_samples)]).astype(np.float32)
 
 
-def heun_nfe(num_steps, afs):
-  """Network calls of the Heun solver over `num_steps` points (2 per interval, minus AFS)."""
-  return 2 * (num_steps - 1) - int(afs)
-
-
 def baseline_num_steps(solver, nfe, afs):
   """Time points that give `nfe` network calls, or None if the solver cannot hit that NFE."""
-  if solver == 'heun':
-    for num_steps in range(2, nfe + 3):
-      if heun_nfe(num_steps, afs) == nfe:
-        return num_steps
-    return None
-  num_steps = nfe + 1 + int(afs)
-  return num_steps
+  return solvers.num_steps_for_nfe(solver, nfe, afs)
 
 
 def _batched(fn, latents, batch):
@@ -116,7 +109,7 @@ def make_sampler(denoise, solver, num_steps, afs, schedule, **solver_kwargs):
     solver: solver name of `sfd_jax.solvers`.
     num_steps: time points.
     afs: analytical first step.
-    schedule: dict(sigma_min, sigma_max, schedule_type, rho).
+    schedule: dict(sigma_min, sigma_max, schedule_type, rho) (the report's 'schedule').
     **solver_kwargs: e.g. max_order.
 
   Returns:
@@ -205,79 +198,47 @@ def _machine():
   return f'{cpu}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.default_backend()}'
 
 
-def student_denoiser(student_config, student_variables, num_steps, use_step_condition):
+def student_denoiser(student: Student, num_steps):
   """Student `denoise(x, sigma)` in eval mode (SFD-v students get num_steps as condition)."""
-  condition = float(num_steps) if use_step_condition else None
-  return jit_denoiser(networks.make_denoise(student_config), student_variables, step_condition=condition)
+  condition = float(num_steps) if student.sampling.use_step_condition else None
+  return jit_denoiser(networks.make_denoise(student.config), student.variables, step_condition=condition)
 
 
-def student_nfes(settings):
+def student_nfes(sampling: SamplingSettings):
   """NFEs the student can be sampled at: one for SFD, four (num_steps 4..7) for SFD-v."""
-  afs = bool(settings['afs'])
-  if settings.get('use_step_condition'):
-    steps = (4, 5, 6, 7)
-  else:
-    steps = (int(settings['num_steps']),)
-  return {n - 1 - int(afs): n for n in steps}
-
-
-def _teacher_parts(teacher):
-  """(config, denoise_fn, variables) of a `teacher.Teacher`, a `train.Models` or a path."""
-  if isinstance(teacher, (str, os.PathLike)):
-    from sfd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-    teacher = teacher_lib.load_teacher(os.fspath(teacher))
-  if hasattr(teacher, 'teacher_denoise'):  # train.Models: the student shares the teacher's shape
-    return teacher.student_config, teacher.teacher_denoise, teacher.teacher_variables
-  return teacher.config, teacher.denoise, teacher.params
-
-
-def _sampling_settings(settings):
-  """The student's sampling settings as a dict (from a DistillSettings or a mapping)."""
-  if hasattr(settings, 'sampling_settings'):
-    return settings.sampling_settings()
-  return dict(settings)
+  steps = (4, 5, 6, 7) if sampling.use_step_condition else (sampling.num_steps,)
+  return {solvers.nfe('euler', n, sampling.afs): n for n in steps}
 
 
 DEFAULT_OPTIONS = EvalOptions()
 
 
-def write_demo_report(workdir, teacher, student_variables, settings, *, student_config=None,
-                      options=None, student_name=None, extra_timings=None):
-  """Evaluates teacher solvers and the student, writes report.json, report.md and grid.png.
+@dataclasses.dataclass
+class Evaluation:
+  """What `evaluate` measured: per-method rows, the reference and the grid's images."""
+  results: list
+  reference: np.ndarray
+  check_rmse: float
+  reference_fd: float
+  data_fd: float
+  heldout_accuracy: float
+  grid_rows: list
+  timings: dict
+
+
+def evaluate(teacher: Teacher, student: Student, options: EvalOptions = DEFAULT_OPTIONS) -> Evaluation:
+  """Samples the evaluation seeds with the reference, every training-free baseline and the student.
 
   Args:
-    workdir: output folder.
-    teacher: the frozen teacher: a `sfd_jax.teacher.Teacher`, a converted-teacher path, or
-      the `train.Models` that `train.train` returns (its `student_config` is then the
-      student's network config).
-    student_variables: the distilled student's {'params', 'buffers'}.
-    settings: the student's sampling settings: a `DistillSettings` or a dict with
-      num_steps, schedule_type, rho, afs, sigma_min, sigma_max, use_step_condition (as
-      stored with the student checkpoint).
-    student_config: the student's `NetworkConfig` (default: from `teacher` when it is a
-      `train.Models`, else the teacher's config with the step condition of `settings`).
-    options: `EvalOptions` (default `DEFAULT_OPTIONS`).
-    student_name: row name of the student (default 'SFD' or 'SFD-v').
-    extra_timings: seconds to record in the report (e.g. distillation time).
-
-  Returns:
-    The report dictionary (also written as report.json).
+    teacher: the frozen teacher the student was distilled from.
+    student: the distilled student (`checkpoint.load_student` of its workdir).
+    options: the size of the evaluation.
   """
-  start = time.time()
-  options = options or DEFAULT_OPTIONS
-  os.makedirs(workdir, exist_ok=True)
-  settings = _sampling_settings(settings)
-  use_cond = bool(settings.get('use_step_condition', False))
-  cfg, teacher_fn, teacher_variables = _teacher_parts(teacher)
-  if student_config is None:
-    student_config = cfg if hasattr(teacher, 'teacher_denoise') else dataclasses.replace(
-        cfg, use_step_condition=use_cond)
-  student_name = student_name or ('SFD-v' if use_cond else 'SFD')
-  schedule = dict(sigma_min=float(settings['sigma_min']), sigma_max=float(settings['sigma_max']),
-                  schedule_type=settings['schedule_type'], rho=float(settings['rho']))
+  cfg, sampling = teacher.config, student.sampling
+  schedule = _schedule(sampling)
   latents = eval_latents(options.num_samples, (cfg.img_resolution, cfg.img_resolution, cfg.img_channels))
-  teacher_denoise = jit_denoiser(teacher_fn, teacher_variables)
-  timings = dict(extra_timings or {})
+  teacher_denoise = jit_denoiser(teacher.denoise, teacher.params)
+  timings = {}
 
   t0 = time.time()
   reference = _batched(make_sampler(teacher_denoise, 'heun', options.reference_steps, False, schedule),
@@ -310,30 +271,52 @@ def write_demo_report(workdir, teacher, student_variables, settings, *, student_
   timings['baselines'] = round(time.time() - t0, 1)
 
   t0 = time.time()
-  for nfe, num_steps in sorted(student_nfes(settings).items()):
-    denoise = student_denoiser(student_config, student_variables, num_steps, use_cond)
-    record(student_name, 'euler', bool(settings['afs']), nfe, num_steps, _batched(
-        make_sampler(denoise, 'euler', num_steps, bool(settings['afs']), schedule), latents, options.batch),
-           training_free=False)
+  student_name = 'SFD-v' if sampling.use_step_condition else 'SFD'
+  for nfe, num_steps in sorted(student_nfes(sampling).items()):
+    record(student_name, 'euler', sampling.afs, nfe, num_steps, _batched(
+        make_sampler(student_denoiser(student, num_steps), 'euler', num_steps, sampling.afs, schedule),
+        latents, options.batch), training_free=False)
   timings['student'] = round(time.time() - t0, 1)
 
   method_order = list(dict.fromkeys(r['method'] for r in results))
-  summary = summarize(results, grid_nfe)
-  timings['report_total'] = round(time.time() - start, 1)
-  report = dict(
+  rows = [('Reference (Heun)', reference[:options.grid_columns])]
+  rows += [(name, grid_rows[name]) for name in method_order if name in grid_rows]
+  return Evaluation(results=results, reference=reference, check_rmse=rmse(check, reference),
+                    reference_fd=fd_of(reference), data_fd=fd_of(digits[subset]),
+                    heldout_accuracy=feature_net.heldout_accuracy, grid_rows=rows, timings=timings)
+
+
+def _schedule(sampling: SamplingSettings) -> dict:
+  return dict(sigma_min=sampling.sigma_min, sigma_max=sampling.sigma_max,
+              schedule_type=sampling.schedule_type, rho=sampling.schedule_rho)
+
+
+def build_report(evaluation: Evaluation, sampling: SamplingSettings, options: EvalOptions = DEFAULT_OPTIONS,
+                 timings=None) -> dict:
+  """The report dictionary (written as report.json) from an `Evaluation`."""
+  results = evaluation.results
+  return dict(
       machine=_machine(), date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
       num_samples=options.num_samples,
       eval_seeds=[EVAL_SEED_START, EVAL_SEED_START + options.num_samples - 1],
-      options=dataclasses.asdict(options), settings=settings, schedule=schedule,
+      options=dataclasses.asdict(options), settings=sampling.to_dict(), schedule=_schedule(sampling),
       reference=dict(solver='heun', num_steps=options.reference_steps,
-                     nfe=heun_nfe(options.reference_steps, False), check_steps=options.check_steps,
-                     check_rmse=rmse(check, reference), fd=fd_of(reference)),
-      feature_net=dict(hidden_sizes=list(fd.HIDDEN_SIZES), heldout_accuracy=feature_net.heldout_accuracy),
-      data_fd=fd_of(digits[subset]), method_order=method_order, results=results, summary=summary,
-      timings=timings)
-  rows = [('Reference (Heun)', reference[:options.grid_columns])]
-  rows += [(name, grid_rows[name]) for name in method_order if name in grid_rows]
-  _write_outputs(workdir, report, rows)
+                     nfe=solvers.nfe('heun', options.reference_steps), check_steps=options.check_steps,
+                     check_rmse=evaluation.check_rmse, fd=evaluation.reference_fd),
+      feature_net=dict(hidden_sizes=list(fd.HIDDEN_SIZES), heldout_accuracy=evaluation.heldout_accuracy),
+      data_fd=evaluation.data_fd, method_order=list(dict.fromkeys(r['method'] for r in results)),
+      results=results, summary=summarize(results, min(options.nfes)),
+      timings={**(timings or {}), **evaluation.timings})
+
+
+def make_report(workdir, teacher: Teacher, student: Student, options: EvalOptions = DEFAULT_OPTIONS,
+                timings=None) -> dict:
+  """`evaluate`, `build_report`, `write_report`; returns the report dictionary."""
+  start = time.time()
+  evaluation = evaluate(teacher, student, options)
+  report = build_report(evaluation, student.sampling, options, timings)
+  report['timings']['report_total'] = round(time.time() - start, 1)
+  write_report(workdir, report, evaluation.grid_rows)
   return report
 
 
@@ -357,8 +340,9 @@ def summarize(results, nfe):
               ratio=student['rmse'] / best['rmse'] if student else None)
 
 
-def _write_outputs(workdir, report, rows):
+def write_report(workdir, report, rows):
   """report.json, report.md and grid.png, then the two lines the demo prints."""
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:

@@ -1,0 +1,125 @@
+"""One command-line style for every entry point: absl flags, `--help`, one-line errors.
+
+Each entry point defines its flags on its own `FlagValues` (so that several can live in one
+process, e.g. under pytest or in a notebook), parses with `parse`, and runs its body with
+`run`, which turns the user's mistakes (bad flag values, missing or refused files) into one
+line `PROG: error: MESSAGE` on stderr and exit status 2, with no traceback.
+"""
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from absl import flags
+
+# The exceptions that mean "bad input", reported as one line; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
+
+
+def new_flags() -> flags.FlagValues:
+  """A private flag registry for one entry point."""
+  return flags.FlagValues()
+
+
+def fail(prog: str, message) -> NoReturn:
+  """Prints `PROG: error: MESSAGE` (one line) and exits with status 2."""
+  text = ' '.join(str(message).split())
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's repr
+    text = text[1:-1]
+  print(f'{prog}: error: {text}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _describe(flag) -> str:
+  default = repr(flag.default) if isinstance(flag.default, str) else flag.default
+  prefix = f'--[no]{flag.name}' if flag.boolean else f'--{flag.name}'
+  return f'  {prefix}: {flag.help} (default: {default})'
+
+
+def parse(prog: str, doc: str, fv: flags.FlagValues, argv: Sequence[str]) -> list:
+  """Parses `argv` (without the program name) into `fv`; returns the positional arguments.
+
+  `--help` prints the docstring and every flag with its default, then exits 0; an unknown
+  flag or a bad value exits 2 with one line.
+  """
+  argv = list(argv)
+  if any(a in ('-h', '--help', '--helpfull', '-?') for a in argv):
+    print('\n'.join([doc.strip(), '', f'flags of {prog}:'] +
+                    [_describe(fv[name]) for name in sorted(_own_flags(fv))]))
+    sys.exit(0)
+  try:
+    return fv([prog, *argv])[1:]
+  except flags.Error as e:
+    fail(prog, e)
+
+
+def _own_flags(fv: flags.FlagValues):
+  return {flag.name for module_flags in fv.flags_by_module_dict().values() for flag in module_flags}
+
+
+def check_config_overrides(prog: str, argv: Sequence[str]) -> None:
+  """An unknown `--config.KEY=...` fails with one line and a suggestion, before anything loads."""
+  from sfd_jax import config_types  # pylint: disable=g-import-not-at-top
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      if not config_types.is_config_key(path):
+        fail(prog, config_types.unknown_key_message(path))
+
+
+def run(prog: str, body: Callable[[], None]) -> int:
+  """Runs `body()`; user errors become one line on stderr and exit status 2."""
+  try:
+    body()
+  except USER_ERRORS as e:
+    fail(prog, e)
+  return 0
+
+
+# ------------------------------------------------------------------------------------------
+# Flags shared by the entry points that sample a model.
+
+
+def define_model_flags(fv):
+  """The flags that choose a model and how it samples (`sfd_jax.sample`, `sfd_jax.fid calc`)."""
+  from sfd_jax import sampling  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('network', None, 'EDM snapshot .pkl or converted teacher directory', flag_values=fv)
+  flags.DEFINE_string('student', None, 'distilled student: training workdir or checkpoint directory', flag_values=fv)
+  flags.DEFINE_string('seeds', '0-63', 'e.g. 0-49999 or 1,5,10-20', flag_values=fv)
+  flags.DEFINE_integer('batch', 64, 'images per step over all devices', flag_values=fv)
+  flags.DEFINE_integer('class', None, 'fixed class (conditional models)', flag_values=fv)
+  d = sampling.TEACHER_DEFAULTS
+  for name, kind, what in (('solver', 'string', f'teacher solver, one of {sorted(sampling.solvers.SOLVERS)} '
+                                                f'(default {d.solver})'),
+                           ('num_steps', 'integer', f'time points, NFE + 1 (teacher default {d.num_steps}; an '
+                                                    'SFD-v student accepts it too)'),
+                           ('schedule', 'string', f'one of {sorted(sampling.schedules.SCHEDULES)} (default {d.schedule_type})'),
+                           ('rho', 'float', f'schedule exponent (default {d.schedule_rho})'),
+                           ('sigma_min', 'float', f'default {d.sigma_min}, at least the network\'s'),
+                           ('sigma_max', 'float', f'default {d.sigma_max}, at most the network\'s'),
+                           ('afs', 'boolean', 'analytical first step (saves one NFE)'),
+                           ('max_order', 'integer', 'ipndm 1-4 / dpmpp 1-3')):
+    getattr(flags, f'DEFINE_{kind}')(name, None, what, flag_values=fv)
+  flags.DEFINE_boolean('predict_x0', True, 'DPM-Solver++ in data-prediction form', flag_values=fv)
+  flags.DEFINE_boolean('lower_order_final', True, 'DPM-Solver++ lowers its order at the end', flag_values=fv)
+  flags.DEFINE_boolean('thresholding', True, 'official dynamic thresholding in DPM-Solver++', flag_values=fv)
+  flags.DEFINE_boolean('progress', True, 'show a progress bar', flag_values=fv)
+
+
+def model_batches(fv):
+  """Loads the model the flags name and returns (its `generate_batches` stream, the seeds)."""
+  from sfd_jax import sampling  # pylint: disable=g-import-not-at-top
+  if not (fv.network or fv.student) or (fv.network and fv.student):
+    raise ValueError('--network or --student: give the model to sample from (exactly one)')
+  if fv.batch < 1:
+    raise ValueError(f'--batch: need at least 1, got {fv.batch}')
+  seeds = sampling.parse_seeds(fv.seeds)
+  overrides = dict(solver=fv.solver, num_steps=fv.num_steps, schedule_type=fv.schedule, schedule_rho=fv.rho,
+                   sigma_min=fv.sigma_min, sigma_max=fv.sigma_max, afs=fv.afs)
+  options = sampling.SolverOptions(fv.max_order, fv.predict_x0, fv.lower_order_final, fv.thresholding)
+  if fv.network:  # everything that can be checked before loading a network
+    sampling.validate(sampling.teacher_settings(**overrides), options)
+  elif fv.max_order is not None:
+    raise ValueError('--max_order: a student samples with the settings stored in its checkpoint')
+  model = sampling.load_model(fv.network, fv.student, **overrides)
+  return sampling.model_batches(model, seeds, options=options, batch_size=fv.batch, class_idx=fv['class'].value,
+                                progress=fv.progress), seeds

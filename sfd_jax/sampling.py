@@ -1,0 +1,291 @@
+"""Sampling as a library: seeds to images on all devices, the settings of a teacher or a
+distilled student, and the writers; `python -m sfd_jax.sample` and `sfd_jax.fid` call it.
+
+Each seed's latents (and class) come from `jax.random.key(seed)` alone, so an image depends
+on its seed only, not on the batch size or the number of devices (bit for bit on CPU; on a
+GPU the convolution algorithms, and TF32 under JAX's default matmul precision, depend on the
+batch shape, so a different batch can move a few pixels by one level; measured on an H100
+with the fixture network).
+"""
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sfd_jax import images as images_lib
+from sfd_jax import schedules, solvers
+from sfd_jax.config_types import SamplingSettings
+
+_MAX_SEED = 2 ** 31 - 1
+# `--grid` shows at most this many images (the first seeds).
+GRID_MAX_IMAGES = 256
+
+
+def parse_seeds(text):
+  """Parses '0-49999', '7' or '1,5,10-20' (inclusive ranges) into a list of ints.
+
+  Raises:
+    ValueError: one line naming `--seeds` if the text is malformed.
+  """
+  seeds = []
+  for part in str(text).split(','):
+    bounds = part.strip().split('-')
+    if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+      raise ValueError(f'--seeds: malformed part {part!r} in {text!r} (use e.g. 0-49999 or 1,5,10-20)')
+    lo, hi = int(bounds[0]), int(bounds[-1])
+    if lo > hi or hi > _MAX_SEED:
+      raise ValueError(f'--seeds: bad range {part!r} in {text!r} (need low <= high <= {_MAX_SEED})')
+    seeds.extend(range(lo, hi + 1))
+  return seeds
+
+
+def seed_latents(seeds, shape):
+  """Unit Gaussian latents `[len(seeds), *shape]` float32, each from `jax.random.key(seed)`."""
+  return jax.vmap(lambda s: jax.random.normal(jax.random.split(jax.random.key(s))[0], shape))(seeds)
+
+
+def seed_classes(seeds, num_classes):
+  """One class index per seed, uniform on [0, num_classes), independent of the latents."""
+  return jax.vmap(lambda s: jax.random.randint(jax.random.split(jax.random.key(s))[1], (), 0,
+                                               num_classes))(seeds)
+
+
+def _batch_classes(seeds, num_classes, class_idx):
+  if num_classes == 0:
+    return None
+  if class_idx is not None:
+    return jnp.full(seeds.shape, class_idx, jnp.int32)
+  return seed_classes(seeds, num_classes)
+
+
+def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, class_idx, mesh):
+  """Jitted `(variables, seeds) -> (images, classes)` with the batch sharded over `mesh`."""
+  data = NamedSharding(mesh, P('data'))
+
+  def run(variables, seeds):
+    latents = seed_latents(seeds, shape)
+    classes = _batch_classes(seeds, num_classes, class_idx)
+    labels = None if classes is None else jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)
+    denoise = lambda x, sigma: denoise_fn(variables, x, sigma, labels)
+    out = solvers.sample(denoise, latents, t_steps, solver, **solver_opts)
+    return out, (jnp.zeros(seeds.shape, jnp.int32) if classes is None else classes)
+
+  return jax.jit(run, in_shardings=(NamedSharding(mesh, P()), data), out_shardings=(data, data))
+
+
+def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', variables=None,
+                     batch_size=64, num_classes=0, class_idx=None, devices=None, progress=False,
+                     **solver_opts):
+  """Samples the given seeds batch by batch: an iterator of `(seeds, images, classes)`.
+
+  Args:
+    denoise_fn: `denoise_fn(variables, x, sigma, class_labels) -> D(x; sigma)`, x NHWC,
+      class_labels one-hot `[N, num_classes]` float32 or None.
+    shape: one image's shape `(H, W, C)`.
+    seeds: iterable of non-negative ints; seed s gives latents from `jax.random.key(s)`.
+    t_steps: `[num_steps]` schedule (see `sfd_jax.schedules.get_schedule`).
+    solver: a key of `sfd_jax.solvers.SOLVERS`.
+    variables: network variables passed to `denoise_fn` (replicated on every device).
+    batch_size: images per jitted call, rounded up to a multiple of the device count; the
+      last batch is padded, so everything is traced once.
+    num_classes: number of classes of a conditional model; 0 for unconditional.
+    class_idx: a fixed class for every image; None draws one per seed (from its key).
+    devices: devices to shard the batch over; default all local devices.
+    progress: show a tqdm progress bar.
+    **solver_opts: `afs`, `max_order`, `predict_x0`, `lower_order_final`, `thresholding`.
+
+  Returns:
+    An iterator of per-batch numpy tuples (seeds int64 `[n]`, images float32 `[n, H, W, C]`
+    (unclipped), classes int64 `[n]` or None); batches are sampled as it is consumed.
+
+  Raises:
+    ValueError: bad solver settings, class_idx out of range or an empty seed list, before
+      anything is compiled.
+  """
+  seeds = np.asarray(list(seeds), np.int64)
+  if seeds.size == 0:
+    raise ValueError('seeds: empty seed list')
+  if seeds.min() < 0 or seeds.max() > _MAX_SEED:
+    raise ValueError(f'seeds: need 0 <= seed <= {_MAX_SEED}, got {seeds.min()}..{seeds.max()}')
+  solvers.validate_solver(solver, int(np.shape(t_steps)[0]), solver_opts.get('max_order'))
+  if class_idx is not None and not 0 <= class_idx < num_classes:
+    raise ValueError(f'class_idx: need 0 <= class < {num_classes} for this model, got {class_idx}')
+  devices = list(devices or jax.local_devices())
+  mesh = Mesh(np.asarray(devices), ('data',))
+  batch_size = math.ceil(max(1, batch_size) / len(devices)) * len(devices)
+  sampler = _make_sampler(denoise_fn, tuple(shape), jnp.asarray(t_steps), solver, solver_opts,
+                          num_classes, class_idx, mesh)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  # Validation above runs at call time; only the sampling itself is lazy.
+  return _iterate(sampler, variables, seeds, batch_size, num_classes > 0, progress)
+
+
+def _iterate(sampler, variables, seeds, batch_size, conditional, progress):
+  starts = range(0, len(seeds), batch_size)
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    starts = tqdm(starts, unit='batch', desc='sampling')
+  for start in starts:
+    chunk = seeds[start:start + batch_size]
+    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])]).astype(np.int32)
+    out, classes = sampler(variables, padded)
+    yield (chunk, np.asarray(out)[:len(chunk)],
+           np.asarray(classes, np.int64)[:len(chunk)] if conditional else None)
+
+
+def generate(denoise_fn, shape, seeds, **kwargs):
+  """All images of `generate_batches(denoise_fn, shape, seeds, **kwargs)` as one float32
+  `[len(seeds), H, W, C]` array, in seed order."""
+  return np.concatenate([out for _, out, _ in generate_batches(denoise_fn, shape, seeds, **kwargs)])
+
+
+
+# ------------------------------------------------------------------------------------------
+# Which settings a model samples with.
+
+# EDM's sampler defaults for a teacher (its generate.py: Heun, 18 points, sigma 0.002..80).
+TEACHER_DEFAULTS = SamplingSettings(solver='heun', num_steps=18, schedule_type='polynomial', schedule_rho=7.0,
+                                    afs=False, sigma_min=0.002, sigma_max=80.0)
+# Command-line flag of each setting (EDM's generate.py names), for error messages.
+FLAG_NAMES = dict(solver='--solver', num_steps='--num_steps', schedule_type='--schedule', schedule_rho='--rho',
+                  sigma_min='--sigma_min', sigma_max='--sigma_max', afs='--afs', max_order='--max_order')
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverOptions:
+  """Options of the higher-order teacher solvers (a student samples with Euler)."""
+  max_order: Optional[int] = None     # ipndm 1-4 / dpmpp 1-3; None: the official default
+  predict_x0: bool = True             # DPM-Solver++ in data-prediction form
+  lower_order_final: bool = True      # DPM-Solver++ lowers its order at the final steps
+  thresholding: bool = True           # official dynamic thresholding in DPM-Solver++
+
+
+def _flag_message(error: Exception) -> str:
+  """'schedule_type: ...' (a library argument) -> '--schedule: ...' (the flag a user typed)."""
+  text = str(error).strip('\'"')
+  renames = {'sigma_min, sigma_max:': '--sigma_min, --sigma_max:', 'rho:': '--rho:',
+             **{f'{k}:': f'{v}:' for k, v in FLAG_NAMES.items()}}
+  for old, new in renames.items():
+    if text.startswith(old):
+      return new + text[len(old):]
+  return text
+
+
+def validate(settings: SamplingSettings, options: SolverOptions = SolverOptions()) -> None:
+  """One-line ValueError naming the flag at fault, before anything is loaded or compiled."""
+  try:
+    schedules.validate_schedule(settings.num_steps, settings.sigma_min, settings.sigma_max,
+                                settings.schedule_type, settings.schedule_rho)
+    solvers.validate_solver(settings.solver, settings.num_steps, options.max_order)
+  except ValueError as e:
+    raise ValueError(_flag_message(e)) from None
+
+
+def teacher_settings(network_config=None, **overrides) -> SamplingSettings:
+  """EDM's defaults with the given (non-None) overrides; sigmas clamped to the network's range.
+
+  Args:
+    network_config: the teacher's `NetworkConfig` (None: no clamping, for early validation).
+    **overrides: fields of `SamplingSettings`.
+  """
+  settings = dataclasses.replace(TEACHER_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None})
+  if network_config is not None:
+    settings = dataclasses.replace(settings, sigma_min=max(settings.sigma_min, network_config.sigma_min),
+                                   sigma_max=min(settings.sigma_max, network_config.sigma_max))
+  return settings
+
+
+def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> SamplingSettings:
+  """The stored settings of a distilled student; only an SFD-v student accepts another num_steps.
+
+  Raises:
+    ValueError: a fixed setting was given (`fixed` holds the other, non-None flags), or
+      num_steps for a student distilled for one num_steps only.
+  """
+  given = [k for k, v in fixed.items() if v is not None]
+  if given:
+    raise ValueError(f'{FLAG_NAMES.get(given[0], "--" + given[0])}: a student samples with the settings '
+                     'stored in its checkpoint')
+  if num_steps is None or num_steps == stored.num_steps:
+    return stored
+  if not stored.use_step_condition:
+    raise ValueError(f'--num_steps: this student was distilled for {stored.num_steps} time points only '
+                     '(it has no step condition)')
+  return dataclasses.replace(stored, num_steps=int(num_steps))
+
+
+class Model(NamedTuple):
+  """A network ready to sample: config, variables, `denoise_fn(variables, x, sigma, labels)`, settings."""
+  config: Any
+  variables: dict
+  denoise_fn: Callable
+  settings: SamplingSettings
+
+
+def load_model(network=None, student=None, **overrides) -> Model:
+  """Loads a teacher (`network`) or a distilled student and resolves its sampling settings.
+
+  Args:
+    network: EDM snapshot .pkl, converted directory or SFD workdir, sampled as a teacher.
+    student: a training workdir or checkpoint directory, sampled with its stored settings.
+    **overrides: `SamplingSettings` fields (None = default / stored).
+  """
+  from sfd_jax.networks import make_denoise  # pylint: disable=g-import-not-at-top
+  if student:
+    from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    config, variables, stored = checkpoint.load_student(student)
+    settings = student_settings(stored, **overrides)
+  else:
+    from sfd_jax.io import load_network  # pylint: disable=g-import-not-at-top
+    config, variables = load_network(network)
+    settings = teacher_settings(config, **overrides)
+  step_condition = settings.num_steps if settings.use_step_condition else None
+  denoise = make_denoise(config)
+
+  def denoise_fn(variables, x, sigma, class_labels):
+    return denoise(variables, x, sigma, class_labels=class_labels, step_condition=step_condition)
+  return Model(config, variables, denoise_fn, settings)
+
+
+def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions(), batch_size=64,
+                  class_idx=None, devices=None, progress=False):
+  """`generate_batches` for a loaded `Model` with its settings."""
+  s, config = model.settings, model.config
+  validate(s, options)
+  num_classes = config.label_dim
+  if class_idx is not None and not 0 <= class_idx < max(num_classes, 1):
+    raise ValueError(f'--class: need 0 <= class < {num_classes} for this model, got {class_idx}'
+                     if num_classes else '--class: the model is unconditional')
+  t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho)
+  solver_opts = dict(afs=s.afs)
+  if s.solver != 'euler':
+    solver_opts.update(dataclasses.asdict(options))
+  shape = (config.img_resolution, config.img_resolution, config.img_channels)
+  return generate_batches(model.denoise_fn, shape, seeds, t_steps=t_steps, solver=s.solver,
+                          variables=model.variables, batch_size=batch_size, num_classes=num_classes,
+                          class_idx=class_idx, devices=devices, progress=progress, **solver_opts)
+
+
+def write_outputs(batches, *, outdir=None, npz=None, grid=None):
+  """Writes PNGs (EDM's folder layout) / one .npz / a grid from the `generate_batches` stream."""
+  all_seeds, all_images, all_classes = [], [], []
+  for seeds, out, classes in batches:
+    pixels = images_lib.to_uint8(out)
+    if outdir:
+      images_lib.save_seed_images(outdir, seeds, pixels)
+    if npz or (grid and sum(map(len, all_images)) < GRID_MAX_IMAGES):
+      all_seeds.append(seeds)
+      all_images.append(pixels if npz else pixels[:GRID_MAX_IMAGES])
+      all_classes.append(classes)
+  if not all_images:
+    return
+  pixels = np.concatenate(all_images)
+  if grid:
+    images_lib.save_grid(grid, pixels[:GRID_MAX_IMAGES])
+  if npz:
+    classes = None if all_classes[0] is None else np.concatenate(all_classes)
+    images_lib.save_npz(npz, pixels, np.concatenate(all_seeds), classes)
