@@ -1,10 +1,30 @@
 """Noise-level schedules (time discretisations) for the EDM probability-flow ODE.
 
 `get_schedule` returns the `num_steps` noise levels t_0 > ... > t_{N-1} a sampler visits.
-In float32 it reproduces the official SFD code's arithmetic bit for bit (the constants are
-Python doubles, everything else float32), so that distillation targets match the reference.
 The values are computed on the host with NumPy: a schedule is a static input, fixed before
 anything is compiled.
+
+In float32 it follows the official SFD code operation by operation: which values are Python
+doubles and which float32, the order of every float32 operation, `torch.linspace`'s two halves
+(each point one fused multiply-add from its nearer end), NumPy's float32 log where the official
+code calls `np.log`, and torch's float32 power of the float32 constant e. Only the elementary
+functions (exp, log, pow, sqrt) differ in kind: here they are correctly rounded (computed in
+float64, rounded once), while torch's CPU ones are MKL's, SLEEF's or glibc's, which depend on
+the machine and are themselves within 1 ulp of the correctly rounded value. What that leaves
+(`tests/test_schedule_parity.py` replays the official arithmetic with torch):
+
+- polynomial: within 1 ulp of the official values, exact at both ends.
+- logsnr: within 1 ulp, exact at both ends (num_steps 2-257, sigma ranges 0.002-80, 0.006-80,
+  0.1-14.6 on the machine tested; for a sigma whose float32 log torch rounds the other way,
+  every point would move by a few ulps).
+- time_uniform: bit-equal to the official arithmetic done with correctly rounded power and
+  square root. Against torch's own CPU functions it is within 1 ulp below 32 points, but not
+  beyond: exp(.) - 1 cancels for sigma below ~1, so a 1-ulp difference in the power (torch's
+  vectorised SLEEF powf, used on blocks of 32 points with AVX-512) grows to up to 81 ulps of
+  sigma, and torch's CPU sqrt is not correctly rounded. The official float32 values are
+  machine-dependent to that degree themselves (and ~1e5 ulps from the exact schedule).
+
+float64 computes the closed forms of SPEC section 3 in double precision (no official quirks).
 """
 import math
 
@@ -38,7 +58,7 @@ def _polynomial(num_steps, sigma_min, sigma_max, rho, dtype):
 
 
 def _linspace(start, end, num, dtype):
-  """torch.linspace's float arithmetic: start + i*step on the first half, end - (N-1-i)*step after."""
+  """Evenly spaced points, start + i*step (float64 path)."""
   start, end = dtype.type(start), dtype.type(end)
   step = (end - start) / dtype.type(num - 1)
   i = np.arange(num)
@@ -47,16 +67,88 @@ def _linspace(start, end, num, dtype):
   return np.where(i < num // 2, from_start, from_end).astype(dtype)
 
 
+def _fma32(a, b, c):
+  """a*b + c rounded once to float32 (a fused multiply-add), for float32 a, c and integer b.
+
+  a*b is exact in float64 (b < 2^29); TwoSum gives the exact error of the float64 sum, and
+  rounding that sum to odd before the final rounding to float32 avoids double rounding.
+  """
+  a, b, c = (np.asarray(v, np.float64) for v in (a, b, c))
+  product = a * b
+  total = product + c
+  c_part = total - product
+  error = (product - (total - c_part)) + (c - c_part)
+  even = (total.view(np.int64) & 1) == 0
+  total = np.where((error != 0) & even, np.nextafter(total, total + error), total)
+  return total.astype(np.float32)
+
+
+def _linspace32(start, end, num):
+  """torch.linspace's float32 arithmetic (CPU): step = (end - start)/(num - 1) in float32,
+  then start + i*step on the first half and end - (num-1-i)*step on the second, each one fused
+  multiply-add."""
+  start, end = np.float32(start), np.float32(end)
+  step = (end - start) / np.float32(num - 1)
+  i = np.arange(num)
+  return np.where(i < num // 2, _fma32(step, i, start), _fma32(-step, num - 1 - i, end))
+
+
+def _rounded(fn, *args):
+  """fn on float32 values, computed in float64 and rounded once: the correctly rounded result
+  (up to a double rounding, about one case in 2^29)."""
+  return fn(*(np.asarray(a, np.float32).astype(np.float64) for a in args)).astype(np.float32)
+
+
+def _power32(base, exponent):
+  """torch's float32 `tensor ** exponent`: exponents 1, 2 and 3 are products, 0.5 a sqrt,
+  anything else the power rounded from double."""
+  if exponent == 1:
+    return base
+  if exponent == 2:
+    return base * base
+  if exponent == 3:
+    return base * base * base
+  if exponent == 0.5:
+    return np.sqrt(base)
+  return _rounded(np.power, base, np.float32(exponent))
+
+
 def _logsnr(num_steps, sigma_min, sigma_max, rho, dtype):
   """Uniform in log-SNR: t_i = exp(-lambda_i), lambda uniform on [-log sigma_max, -log sigma_min]."""
   del rho  # unused: the spacing is fixed by the log-SNR
+  if dtype == np.float32:
+    # Official: the two logs of float32 sigmas, read back as Python floats, a float32
+    # torch.linspace between them, then exp of its negation.
+    lambda_min = -_rounded(np.log, np.float32(sigma_max))
+    lambda_max = -_rounded(np.log, np.float32(sigma_min))
+    return _rounded(np.exp, -_linspace32(lambda_min, lambda_max, num_steps))
   lambda_min = -np.log(dtype.type(sigma_max))
   lambda_max = -np.log(dtype.type(sigma_min))
   return np.exp(-_linspace(lambda_min, lambda_max, num_steps, dtype))
 
 
+def _time_uniform32(num_steps, sigma_min, sigma_max, rho):
+  """The official float32 arithmetic of `_time_uniform`, operation by operation."""
+  f32 = np.float32
+  one = f32(1)
+  # The official code takes these two logs with NumPy (np.log of a float32 torch scalar).
+  log_max = np.log(f32(sigma_max) * f32(sigma_max) + one)
+  log_min = np.log(f32(sigma_min) * f32(sigma_min) + one)
+  # Python-double constants become float32 before each float32 operation.
+  beta_d = f32(2) * (log_min / f32(_EPSILON_S) - log_max) / f32(_EPSILON_S - 1)
+  beta_min = log_max - f32(0.5) * beta_d
+  frac = np.arange(num_steps).astype(f32) / f32(num_steps - 1)
+  tau = _power32(one + frac * f32(_EPSILON_S ** (1.0 / rho) - 1), rho)
+  exponent = (f32(0.5) * beta_d) * (tau * tau) + beta_min * tau
+  # np.e ** exponent: torch raises the float32 constant e (2.7182817) to the power; that is
+  # not exp(exponent) (e is 3e-8 short in float32).
+  return np.sqrt(_rounded(np.power, f32(np.e), exponent) - one)
+
+
 def _time_uniform(num_steps, sigma_min, sigma_max, rho, dtype):
   """DPM-Solver's VP time points tau_i (polynomial in tau with exponent rho) mapped to sigma."""
+  if dtype == np.float32:
+    return _time_uniform32(num_steps, sigma_min, sigma_max, rho)
   one = dtype.type(1)
   log_max = np.log(dtype.type(sigma_max) ** 2 + one)
   log_min = np.log(dtype.type(sigma_min) ** 2 + one)
@@ -65,9 +157,7 @@ def _time_uniform(num_steps, sigma_min, sigma_max, rho, dtype):
   frac = np.arange(num_steps).astype(dtype) / dtype.type(num_steps - 1)
   tau = _power(one + frac * dtype.type(_EPSILON_S ** (1.0 / rho) - 1), rho, dtype)
   exponent = dtype.type(0.5) * beta_d * (tau * tau) + beta_min * tau
-  # exp(.) - 1 cancels badly near sigma_min in float32 (the official values are off by ~1%
-  # there); exp is rounded once from float64 to land on the same float32 values.
-  return np.sqrt(np.exp(exponent.astype(np.float64)).astype(dtype) - one).astype(dtype)
+  return np.sqrt(np.exp(exponent) - one)
 
 
 SCHEDULES = Registry('schedule', {
