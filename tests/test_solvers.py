@@ -185,6 +185,16 @@ def test_afs_is_exact_where_its_assumption_holds(x64, solver, opts):
   assert float(t[0]) not in afs.calls[:1]
 
 
+@pytest.mark.parametrize("afs", [False, True])
+@pytest.mark.parametrize("solver, opts", ALL_SOLVERS, ids=[f"{s}{o}" for s, o in ALL_SOLVERS])
+def test_registry_nfe_is_the_number_of_network_calls(solver, opts, afs):
+  counted = Counted(gaussian_denoise)
+  t = schedules.get_schedule(6, 0.002, 80.0)
+  solvers.sample(counted, jnp.ones((2, 3)), t, solver, afs=afs, **opts)
+  assert len(counted.calls) == solvers.nfe(solver, 6, afs)
+  assert solvers.num_steps_for_nfe(solver, solvers.nfe(solver, 6, afs), afs) == 6
+
+
 @pytest.mark.parametrize("solver, opts", ALL_SOLVERS, ids=[f"{s}{o}" for s, o in ALL_SOLVERS])
 def test_afs_changes_only_the_first_direction(x64, solver, opts):
   # On data that break the assumption, AFS must differ from the plain solver (the switch works).
