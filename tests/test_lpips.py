@@ -65,6 +65,7 @@ def rel(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('res', [32, 64])
 def test_parity_with_piq(params, monkeypatch, res):
   torch.set_num_threads(2)

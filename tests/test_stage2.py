@@ -1,0 +1,230 @@
+"""The second stage: teacher checks, the Euler student teacher, the LPIPS term on the last
+interval only, one iteration against its float64 rerun, and both stages end to end.
+
+Everything runs on the shipped 8x8 digits teacher with batches of 2: LPIPS compares the
+images upsampled to 224x224, which dominates the cost on CPU.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfd_jax.demo import config as demo_config
+from sfd_jax import checkpoint, config_types, lpips, networks, sfd, stage2, train
+from sfd_jax.teacher import load_teacher
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DIGITS = str(demo_config.TEACHER_DIR)
+
+
+def first_stage_workdir(path, num_steps=7, use_step_condition=False, afs=True, seed=0):
+  """A first-stage student checkpoint as `train` writes it (the digits teacher's weights,
+  fresh step-condition layers; no training needed to exercise the second stage)."""
+  teacher = load_teacher(DIGITS)
+  config = train.student_config_for(teacher.config, 0.0)
+  variables = networks.state_dict_to_variables(
+      config, networks.variables_to_state_dict(teacher.params), rng=jax.random.key(seed), source=DIGITS)
+  distill = config_types.DistillSettings(num_steps=num_steps, afs=afs, use_step_condition=use_step_condition)
+  optimizer = sfd.make_optimizer(config_types.OptimSettings())
+  manager = checkpoint.make_manager(path, 1)
+  meta = dict(nimg=0, iteration=1, kimg=0.0, rng_key_data=[0, 0], network=config.to_dict(),
+              settings=distill.sampling().to_dict(), distill=dataclasses.asdict(distill), dataset_name='digits')
+  checkpoint.save(manager, 1, variables['params'], variables['buffers'], optimizer.init(variables['params']), meta)
+  manager.wait_until_finished()
+  manager.close()
+  return str(path)
+
+
+def stage2_run(teacher, **train_overrides):
+  config = dict(teacher=teacher, dataset_name='digits', distill=dict(num_steps=3, M=2, afs=True),
+                optim=dict(lr=5e-4), train=dict(batch=2, is_second_stage=True, dropout=0.0, **train_overrides))
+  return config_types.from_config_dict(config)
+
+
+@pytest.fixture(scope='module')
+def sfd_teacher(tmp_path_factory):
+  return first_stage_workdir(tmp_path_factory.mktemp('n7') / 'w')
+
+
+@pytest.fixture(scope='module')
+def sfdv_teacher(tmp_path_factory):
+  return first_stage_workdir(tmp_path_factory.mktemp('v') / 'w', num_steps=4, use_step_condition=True, afs=False)
+
+
+def test_refuses_teachers_without_a_7_point_euler_trajectory(tmp_path, sfd_teacher):
+  n4 = first_stage_workdir(tmp_path / 'n4', num_steps=4)
+  with pytest.raises(ValueError, match=r'^config.teacher=.*n4: trained with num_steps=4, so it cannot give the '
+                                       r'7-point Euler trajectory') as e:
+    stage2.prepare(stage2_run(n4))
+  assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match='needs a first-stage SFD workdir'):
+    stage2.prepare(stage2_run(DIGITS))
+  with pytest.raises(ValueError, match='SFD-v teacher covers num_steps 4..7, not the 9-point'):
+    stage2.check_teacher('w', dict(num_steps=4, use_step_condition=True), 9)
+  with pytest.raises(ValueError, match='already a second-stage'):
+    stage2.check_teacher('w', dict(num_steps=3, use_step_condition=False, second_stage=True), 7)
+  stage2.check_teacher('w', dict(num_steps=7, use_step_condition=False), 7)
+  stage2.check_teacher('w', dict(num_steps=5, use_step_condition=True), 7)
+
+
+def test_settings_inherit_the_teachers_schedule_and_step_condition(sfdv_teacher):
+  logged = []
+  run = stage2_run(sfdv_teacher)
+  run = dataclasses.replace(run, distill=dataclasses.replace(run.distill, schedule_rho=5.0))
+  s = stage2.prepare(run, logged.append)
+  d = s.run.distill
+  assert (d.num_steps, d.M, d.afs, d.sampler_tea, d.use_step_condition) == (3, 2, True, 'euler', True)
+  assert d.schedule_rho == 7.0 and d.sigma_min == 0.006
+  assert logged == ['second stage: schedule taken from the teacher (distill.schedule_rho=5.0 -> 7.0)']
+  assert stage2.sampling_settings(d) == dict(d.sampling().to_dict(), second_stage=True)
+  assert s.loss_params is not None and s.last_interval_loss is stage2.lpips_last_interval_loss
+  assert stage2.prepare(stage2_run(sfdv_teacher, lpips=False)).loss_params is None
+
+
+@pytest.mark.parametrize('teacher_kind', ['sfd', 'sfdv'])
+def test_teacher_targets_are_the_euler_trajectory_of_the_student(teacher_kind, sfd_teacher, sfdv_teacher):
+  """Independent path: sfd_jax.solvers.sample with Euler, the teacher's AFS and step condition 7."""
+  from sfd_jax import schedules, solvers
+  path = sfd_teacher if teacher_kind == 'sfd' else sfdv_teacher
+  s = stage2.prepare(stage2_run(path, lpips=False))
+  models = train.load_models(s.run)
+  config, variables, stored = checkpoint.load_student(path)
+  stored = stored.to_dict()
+  plan = sfd.make_plan(s.run.distill)
+  z = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  targets, traj = s.targets_fn(models.teacher_denoise, models.teacher_variables, 80.0 * z, None, plan,
+                               s.run.distill)
+  t7 = schedules.get_schedule(7, stored['sigma_min'], stored['sigma_max'], stored['schedule_type'], stored['schedule_rho'])
+  condition = 7.0 if stored['use_step_condition'] else None
+  denoise = networks.make_denoise(config)
+  expected = solvers.sample(lambda x, sigma: denoise(variables, x, sigma, step_condition=condition), z, t7,
+                            'euler', afs=stored['afs'], return_trajectory=True)
+  assert traj.shape[0] == 7 and plan.tea_slice == (3, 6)
+  # float32: the latents reach the solver as (80 z) / 80 · 80 here and z · 80 there (a few ulps).
+  np.testing.assert_allclose(traj, expected, rtol=1e-6, atol=2e-5)
+  np.testing.assert_array_equal(targets, traj[jnp.asarray([3, 6])])
+  if teacher_kind == 'sfdv':  # the step condition matters: without it the trajectory differs
+    plain = solvers.sample(lambda x, sigma: denoise(variables, x, sigma), z, t7, 'euler', afs=False,
+                           return_trajectory=True)
+    assert np.abs(plain[-1] - expected[-1]).max() > 1e-3
+
+
+def iteration(models, s, settings, params, opt_state, buffers, teacher_variables, latents, loss_params, **kw):
+  return sfd.sfd_iteration(params, opt_state, buffers, teacher_variables, latents, None, jax.random.key(2),
+                           jnp.float32(5e-4), loss_params, student_denoise=models.student_denoise,
+                           teacher_denoise=models.teacher_denoise, optimizer=sfd.make_optimizer(s.run.optim),
+                           settings=settings, return_debug=True, targets_fn=s.targets_fn, **kw)
+
+
+@pytest.mark.slow
+def test_lpips_enters_the_last_interval_only(sfd_teacher):
+  """num_steps 4, M 1 (also a 7-point teacher), no AFS: three intervals with Adam steps each."""
+  run = stage2_run(sfd_teacher)
+  run = dataclasses.replace(run, distill=dataclasses.replace(run.distill, num_steps=4, M=1, afs=False))
+  s = stage2.prepare(run)
+  models = train.load_models(s.run)
+  params, buffers = sfd.split_variables(models.student_variables)
+  opt_state = sfd.make_optimizer(s.run.optim).init(params)
+  latents = 80.0 * jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+  args = (models, s, s.run.distill, params, opt_state, buffers, models.teacher_variables, latents, s.loss_params)
+  _, _, plain, dbg_plain = iteration(*args)
+  _, _, with_lpips, dbg = iteration(*args, last_interval_loss=s.last_interval_loss)
+  for i in (0, 1):  # identical: same losses, gradients and outputs
+    assert with_lpips['loss'][i] == plain['loss'][i]
+    jax.tree.map(np.testing.assert_array_equal, dbg['grads'][i], dbg_plain['grads'][i])
+    np.testing.assert_array_equal(dbg['out'][i], dbg_plain['out'][i])
+  out, target = dbg['out'][2], dbg['targets'][2]
+  np.testing.assert_array_equal(out, dbg_plain['out'][2])
+  term = float(lpips.second_stage_lpips(s.loss_params, out, target))
+  assert term > 1e-3
+  np.testing.assert_allclose(with_lpips['loss'][2] - plain['loss'][2], term * out.size / 2, rtol=1e-5)
+  differs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), dbg['grads'][2], dbg_plain['grads'][2])
+  assert max(jax.tree.leaves(differs)) > 1e-3
+
+
+# float32 vs the float64 rerun of the same second-stage iteration, measured on CPU (2026-12-02):
+# teacher trajectory 1.5e-5 abs (1 ulp of its largest values, ~170), student output 7.5e-7 abs,
+# loss 3.1e-8 relative, gradients 2.1e-5 of each tensor's max, params after Adam 3.6e-8 abs
+# (~1 ulp of O(0.5) weights). Tolerances: 4 ulps of the trajectory's largest value, and ~3-5x
+# the other measured gaps.
+OUT_TOL, LOSS_REL_TOL, GRAD_REL_TOL, PARAM_TOL = 3e-6, 1e-7, 6e-5, 2e-7
+
+
+@pytest.mark.slow
+def test_iteration_equals_its_float64_rerun(sfd_teacher):
+  s = stage2.prepare(stage2_run(sfd_teacher))
+  models = train.load_models(s.run)
+  params, buffers = sfd.split_variables(models.student_variables)
+  latents = 80.0 * jax.random.normal(jax.random.key(4), (2, 8, 8, 1))
+  kw = dict(last_interval_loss=s.last_interval_loss)
+
+  def run(cast):
+    p, b, tv, lp = (jax.tree.map(cast, t) for t in (params, buffers, models.teacher_variables, s.loss_params))
+    opt_state = sfd.make_optimizer(s.run.optim).init(p)
+    new_params, _, metrics, debug = iteration(models, s, s.run.distill, p, opt_state, b, tv, cast(latents), lp, **kw)
+    return jax.tree.map(lambda a: np.asarray(a, np.float64) if a is not None else None,
+                        (new_params, metrics, debug))
+
+  p32, m32, d32 = run(lambda a: jnp.asarray(a, jnp.float32))
+  with jax.enable_x64(True):
+    p64, m64, d64 = run(lambda a: jnp.asarray(a, jnp.float64))
+  assert d64['trajectory'].dtype == np.float64
+  gaps = dict(traj=np.abs(d32['trajectory'] - d64['trajectory']).max(),
+              out=np.abs(d32['out'][1] - d64['out'][1]).max(),
+              loss=np.abs(m32['loss'] - m64['loss']).max() / np.abs(m64['loss']).max())
+  g32, g64 = jax.tree.leaves(d32['grads'][0]), jax.tree.leaves(d64['grads'][0])
+  gaps['grad'] = max(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30) for a, b in zip(g32, g64))
+  # Adam's first step is lr·sign(g) where |g| ≫ eps: compare where the float64 gradient is clear of noise.
+  clear = [np.abs(b) > 1e-3 * np.abs(b).max() for b in g64]
+  gaps['param'] = max(np.abs(a - b)[c].max() for a, b, c in
+                      zip(jax.tree.leaves(p32), jax.tree.leaves(p64), clear) if c.any())
+  print('float32 vs float64 gaps:', {k: float(v) for k, v in gaps.items()})
+  traj_tol = 4 * float(np.spacing(np.float32(np.abs(d64['trajectory']).max())))
+  assert gaps['traj'] < traj_tol and gaps['out'] < OUT_TOL and gaps['loss'] < LOSS_REL_TOL
+  assert gaps['grad'] < GRAD_REL_TOL and gaps['param'] < PARAM_TOL
+  assert m64['loss'][1] > 0 and len(d64['grads']) == 1  # AFS interval 0 takes no Adam step
+
+
+def cli_env():
+  e = dict(os.environ)
+  e.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  return e
+
+
+def cli(*args, timeout=900):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_both_stages_end_to_end_and_sample_without_flags(tmp_path):
+  """Digits teacher → first stage (num_steps 7) → second stage (1 NFE, LPIPS) on 2 devices → sample."""
+  w1, w2 = tmp_path / 'stage1', tmp_path / 'stage2'
+  tiny = ['--config.train.batch=2', '--config.train.total_kimg=0.004', '--config.train.kimg_per_tick=0.002',
+          '--config.train.checkpoint_ticks=2', '--config.train.grid_size=2']
+  r = cli('sfd_jax.main', '--config=configs/demo.py', f'--workdir={w1}', '--config.distill.num_steps=7', *tiny)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = cli('sfd_jax.main', '--config=configs/demo_stage2.py', f'--workdir={w2}', f'--config.teacher={w1}', *tiny)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'loss' in r.stdout
+  config, variables, stored = checkpoint.load_student(w2)
+  assert stored.second_stage and stored.num_steps == 3 and stored.afs  # 1 NFE
+  lines = [json.loads(l) for l in (w2 / 'metrics.jsonl').read_text().splitlines()]
+  assert len(lines) == 2 and len(lines[-1]['loss']) == 2
+  # The student moved away from its teacher.
+  _, teacher_vars, _ = checkpoint.load_student(w1)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), variables['params'], teacher_vars['params'])
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  grid = tmp_path / 'grid.png'
+  r = cli('sfd_jax.sample', f'--student={w2}', '--seeds=0-3', f'--grid={grid}', '--noprogress')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert grid.is_file()
+  r = cli('sfd_jax.sample', f'--student={w2}', '--seeds=0-3', f'--grid={grid}', '--num_steps=4')
+  assert r.returncode == 2 and 'second-stage 1-NFE model' in r.stderr
