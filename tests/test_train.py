@@ -139,7 +139,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_
     (['--config.train.bacth=1'], 'error: unknown config key train.bacth (did you mean train.batch?)'),
     (['--config.distill.num_steps=4.7'], 'distill.num_steps'),
     (['--config.distill.sampler_tea=rk4'], "distill.sampler_tea='rk4' unknown"),
-    (['--config.train.is_second_stage=True'], 'not implemented'),
+    (['--config.train.is_second_stage=True'], 'the second stage needs a first-stage SFD workdir'),
 ])
 def test_cli_errors_are_one_line(tmp_path, cache_dir, extra, expected):
   """Bad teacher / config: exit 2 with one line on stderr, before anything is compiled."""
