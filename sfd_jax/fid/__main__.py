@@ -178,6 +178,7 @@ def main(argv):
 
 
 def _parse_flags(argv):
+  FLAGS.unparse_flags()  # Back to the defaults when called twice in one process (tests).
   try:
     return FLAGS(argv)
   except flags.Error as e:

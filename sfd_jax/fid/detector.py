@@ -1,5 +1,6 @@
 """The feature detector: Inception-v3 params on a device mesh and a jitted, batch-sharded forward."""
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -32,13 +33,15 @@ class Detector:
   @property
   def forward(self):
     """Jitted `(variables, uint8 [N, H, W, C]) -> float32 [N, 2048]`, batch sharded."""
-    if '_forward' not in self.__dict__:
-      net, res = inception.InceptionV3(), self.resolution
-      data = NamedSharding(self.mesh, P('data'))
-      fn = jax.jit(lambda v, x: net.apply(v, inception.preprocess(x, res)),
-                   in_shardings=(NamedSharding(self.mesh, P()), data), out_shardings=data)
-      object.__setattr__(self, '_forward', fn)
-    return self.__dict__['_forward']
+    return _forward(self.resolution, self.mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(resolution, mesh):
+  """One jitted forward per (resolution, mesh), shared by detectors (compiling takes a while)."""
+  net, data = inception.InceptionV3(), NamedSharding(mesh, P('data'))
+  return jax.jit(lambda v, x: net.apply(v, inception.preprocess(x, resolution)),
+                 in_shardings=(NamedSharding(mesh, P()), data), out_shardings=data)
 
 
 def _mesh(devices):
