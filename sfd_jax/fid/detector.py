@@ -94,7 +94,8 @@ def load_detector(path=None, devices=None):
 
 def random_detector(seed=0, resolution=inception.RESOLUTION, devices=None):
   """The same network with random (He-normal) weights: for tests, not for FID numbers."""
-  variables = inception.InceptionV3().init(jax.random.key(seed), jnp.zeros((1, resolution, resolution, 3)))
+  init = jax.jit(inception.InceptionV3().init)  # Eager init runs op by op: minutes on a CPU.
+  variables = init(jax.random.key(seed), jnp.zeros((1, resolution, resolution, 3)))
   mesh = _mesh(devices)
   return Detector(jax.device_put(variables, NamedSharding(mesh, P())), mesh, resolution,
                   f'random({seed})')
