@@ -76,6 +76,7 @@ def _write_folder(root, pixels):
     images.save_png(root / f'{i // 10:02d}' / f'{i:05d}.png', image)
 
 
+@pytest.mark.slow
 def test_ref_from_folder_zip_and_npz_agree(tmp_path, capsys, random_inception):
   pixels = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
   _write_folder(tmp_path / 'imgs', pixels)
@@ -103,6 +104,7 @@ def test_ref_from_folder_zip_and_npz_agree(tmp_path, capsys, random_inception):
                              rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_calc_student_equals_sampling_to_png_then_calc(tmp_path, capsys, student_dir, use_random_inception):
   ref = tmp_path / 'ref.npz'
   pixels = np.random.default_rng(1).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
@@ -128,6 +130,7 @@ def test_calc_student_equals_sampling_to_png_then_calc(tmp_path, capsys, student
   assert out_png.splitlines()[0].startswith('precision ')
 
 
+@pytest.mark.slow
 def test_calc_student_sampling_batch_does_not_change_the_fid(tmp_path, student_dir, random_inception):
   args = types.SimpleNamespace(network=None, student=student_dir, class_idx=None, **{
       k: None for k in ('solver', 'num_steps', 'schedule', 'rho', 'sigma_min', 'sigma_max', 'afs', 'max_order')})
@@ -175,6 +178,10 @@ def test_errors_name_the_file(tmp_path, capsys):
   code, _, err = _run(['calc', f'--images={tmp_path / "ok.npz"}', f'--ref={tmp_path / "d16.npz"}',
                        '--metrics=prdc'], capsys)
   assert code == 2 and 'd16.npz: no reference features for prdc' in err, err
+  metrics.save_stats(tmp_path / 'd2048.npz', np.zeros(2048), np.eye(2048))
+  code, _, err = _run(['calc', f'--images={tmp_path / "ok.npz"}', f'--ref={tmp_path / "d2048.npz"}', '--num=5'],
+                      capsys)
+  assert code == 2 and 'ok.npz: found 3 images, but expected at least 5' in err, err
   Image.fromarray(np.zeros((8, 8, 4), np.uint8), 'RGBA').save(tmp_path / 'imgs' / 'rgba.png')
   with pytest.raises(sources.SourceError, match=r'rgba.png: need an 8-bit grey or RGB image'):
     sources.open_source(tmp_path / 'imgs').load([3])

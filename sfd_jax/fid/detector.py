@@ -94,8 +94,16 @@ def load_detector(path=None, devices=None):
 
 def random_detector(seed=0, resolution=inception.RESOLUTION, devices=None):
   """The same network with random (He-normal) weights: for tests, not for FID numbers."""
-  init = jax.jit(inception.InceptionV3().init)  # Eager init runs op by op: minutes on a CPU.
-  variables = init(jax.random.key(seed), jnp.zeros((1, resolution, resolution, 3)))
+  # Drawn with numpy: Flax's init, eager or jitted, takes minutes on a CPU for this network.
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'weight':
+      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[1:]))).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if name in ('var', 'gamma') else 0.0, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, _reference_shapes())
   mesh = _mesh(devices)
   return Detector(jax.device_put(variables, NamedSharding(mesh, P())), mesh, resolution,
                   f'random({seed})')
@@ -116,15 +124,15 @@ def features(detector, images, batch_size=DEFAULT_BATCH):
   Args:
     detector: from `load_detector` (or `random_detector`).
     images: uint8 `[N, H, W, 1 or 3]`, any H, W (NHWC; EDM's files are read to this).
-    batch_size: images per jitted call, rounded up to a multiple of the device count; the
-      last batch is padded, so one shape is compiled per image size.
+    batch_size: images per jitted call, rounded up to a multiple of the device count; every
+      call is padded to it, so one shape is compiled per image size (keep it fixed).
 
   Returns:
     float32 `[N, 2048]` numpy array; row i depends on image i only.
   """
   images = check_images(images)
   n_dev = detector.mesh.devices.size
-  batch_size = math.ceil(max(1, min(batch_size, len(images))) / n_dev) * n_dev
+  batch_size = math.ceil(max(1, batch_size) / n_dev) * n_dev
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

@@ -57,6 +57,8 @@ def source_stats(detector, path, num=None, seed=0, batch_size=detector_lib.DEFAU
     `(mu, sigma, kept_features, image_count)`.
   """
   source = sources.open_source(path, tfds_data_dir)
+  if num is not None and source.count < num:
+    raise sources.SourceError(f'{path}: found {source.count} images, but expected at least {num}')
   indices = sources.subset(source.count, num, seed)
   if len(indices) < 2:
     raise sources.SourceError(f'{path}: found {len(indices)} images, need at least 2 for statistics')
