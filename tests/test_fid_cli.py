@@ -2,14 +2,13 @@
 equal to sampling then `calc`, prdc, and one-line errors. A random Inception at 75 px stands in
 for the real weights here (test_fid_inception.py checks those)."""
 import pathlib
-import types
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sfd_jax import checkpoint, images, sample
+from sfd_jax import checkpoint, images, sample, sampling
 from sfd_jax.fid import __main__ as cli
 from sfd_jax.fid import detector as detector_lib
 from sfd_jax.fid import evaluate, metrics, sources
@@ -37,7 +36,7 @@ def _fast_frechet(mu1, s1, mu2, s2):
 
 @pytest.fixture(autouse=True)
 def use_random_inception(monkeypatch, random_inception):
-  monkeypatch.setattr(cli, '_load_detector', lambda: random_inception)
+  monkeypatch.setattr(cli, '_load_detector', lambda path: random_inception)
   calls = []
   monkeypatch.setattr(metrics, 'frechet_distance', lambda *a: calls.append(a) or _fast_frechet(*a))
   return calls
@@ -45,10 +44,12 @@ def use_random_inception(monkeypatch, random_inception):
 
 def _run(argv, capsys):
   """Runs the CLI like the shell does; returns (status, stdout, stderr)."""
-  with pytest.raises(SystemExit) as info:
-    cli.run(['sfd_jax.fid'] + argv)
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:
+    code = e.code
   out = capsys.readouterr()
-  return info.value.code, out.out, out.err
+  return code, out.out, out.err
 
 
 def _fid_of(stdout):
@@ -112,7 +113,7 @@ def test_calc_student_equals_sampling_to_png_then_calc(tmp_path, capsys, student
   assert _run(['ref', f'--data={tmp_path / "real.npz"}', f'--dest={ref}', '--metrics=fid,prdc', '--prdc_num=20',
                BATCH, '--noprogress'], capsys)[0] == 0
   assert sample.main(['--student', student_dir, '--seeds', '0-19', '--batch', '7', '--outdir', str(tmp_path / 'png'),
-                      '--no-progress']) == 0
+                      '--noprogress']) == 0
   capsys.readouterr()
   code, out_png, _ = _run(['calc', f'--images={tmp_path / "png"}', f'--ref={ref}', '--metrics=fid,prdc',
                            '--prdc_num=20', BATCH, '--noprogress'], capsys)
@@ -132,9 +133,8 @@ def test_calc_student_equals_sampling_to_png_then_calc(tmp_path, capsys, student
 
 @pytest.mark.slow
 def test_calc_student_sampling_batch_does_not_change_the_fid(tmp_path, student_dir, random_inception):
-  args = types.SimpleNamespace(network=None, student=student_dir, class_idx=None, **{
-      k: None for k in ('solver', 'num_steps', 'schedule', 'rho', 'sigma_min', 'sigma_max', 'afs', 'max_order')})
-  batches = lambda b: cli.sampled_batches(args, list(range(12)), b, False)
+  model = sampling.load_model(student=student_dir)
+  batches = lambda b: evaluate.sample_batches(sampling.model_batches(model, list(range(12)), batch_size=b))
   a = evaluate.stats_of_batches(random_inception, batches(3), batch_size=8)
   b = evaluate.stats_of_batches(random_inception, batches(12), batch_size=8)
   np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-12)
@@ -157,7 +157,7 @@ def test_calc_student_sampling_batch_does_not_change_the_fid(tmp_path, student_d
 def test_errors_are_one_line(argv, message, capsys):
   code, _, err = _run(argv, capsys)
   assert code == 2
-  assert err.startswith('error: ') and message in err, err
+  assert err.startswith('python -m sfd_jax.fid: error: ') and message in err, err
   assert err.count('\n') == 1 and 'Traceback' not in err
 
 

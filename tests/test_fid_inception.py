@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfd_jax import torch_format
+from sfd_jax.io import torch_files
 from sfd_jax.fid import detector as detector_lib
 from sfd_jax.fid import inception, weights
 
@@ -107,7 +107,7 @@ def test_weights_errors_name_the_file(tmp_path, monkeypatch):
   (tmp_path / 'x.pkl').write_bytes(b'\x80\x02}q\x00.')
   with pytest.raises(weights.WeightsError, match=r'x.pkl: not a zip archive'):
     weights.read_weights(tmp_path / 'x.pkl')
-  torch_format.save_state_dict({'a.conv.weight': np.zeros((1, 1, 1, 1), np.float32)}, tmp_path / 'small.pt')
+  torch_files.save_state_dict({'a.conv.weight': np.zeros((1, 1, 1, 1), np.float32)}, tmp_path / 'small.pt')
   with pytest.raises(weights.WeightsError, match=r'small.pt: 0 conv layers'):
     weights.read_weights(tmp_path / 'small.pt')
   with pytest.raises(FileNotFoundError, match=r'nothere.pt: no such file'):

@@ -110,6 +110,19 @@ def load_stats(path):
   return mu, sigma
 
 
+def load_features(path):
+  """The `features` a reference file made with `ref --metrics=fid,prdc` holds (for prdc).
+
+  Raises:
+    StatsError: one line naming the file if it has none.
+  """
+  with np.load(path, allow_pickle=False) as data:
+    if 'features' not in data.files:
+      raise StatsError(f'{path}: no reference features for prdc (make it with '
+                       '`python -m sfd_jax.fid ref --metrics=fid,prdc ...`)')
+    return np.asarray(data['features'])
+
+
 # ----------------------------------------------------------------------------------------
 # Precision, recall, density, coverage.
 

