@@ -1,7 +1,6 @@
 """Tests for `python -m sfd_jax.fid`: ref / calc on folders, zips and .npz, `calc --student`
 equal to sampling then `calc`, prdc, and one-line errors. A random Inception at 75 px stands in
 for the real weights here (test_fid_inception.py checks those)."""
-import pathlib
 import zipfile
 
 import numpy as np
@@ -9,11 +8,12 @@ import pytest
 from PIL import Image
 
 from sfd_jax import checkpoint, images, sample, sampling
+from sfd_jax.config_types import SamplingSettings
+from sfd_jax.demo.config import TEACHER_DIR as DIGITS_TEACHER
 from sfd_jax.fid import __main__ as cli
 from sfd_jax.fid import detector as detector_lib
 from sfd_jax.fid import evaluate, metrics, sources
 
-DIGITS_TEACHER = pathlib.Path(sample.__file__).parent / 'assets' / 'digits_teacher'
 
 
 # Every detector call below uses batches of 8 images of 8x8x1: one compilation for the file.
@@ -61,8 +61,8 @@ def student_dir(tmp_path_factory):
   """A 'student' checkpoint holding the shipped digits teacher (Euler + AFS, 3 time points)."""
   from sfd_jax.teacher import load_teacher  # pylint: disable=g-import-not-at-top
   teacher = load_teacher(str(DIGITS_TEACHER))
-  settings = dict(num_steps=3, schedule_type='polynomial', rho=7.0, afs=True, sigma_min=0.002, sigma_max=80.0,
-                  use_step_condition=False)
+  settings = SamplingSettings(num_steps=3, schedule_type='polynomial', schedule_rho=7.0, afs=True, sigma_min=0.002,
+                              sigma_max=80.0, use_step_condition=False).to_dict()
   path = tmp_path_factory.mktemp('student') / 'run'
   manager = checkpoint.make_manager(path)
   checkpoint.save(manager, 1, teacher.params['params'], teacher.params['buffers'], {'count': np.zeros((), np.int32)},
