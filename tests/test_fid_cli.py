@@ -11,6 +11,7 @@ from sfd_jax import checkpoint, images, sample, sampling
 from sfd_jax.config_types import SamplingSettings
 from sfd_jax.demo.config import TEACHER_DIR as DIGITS_TEACHER
 from sfd_jax.fid import __main__ as cli
+from sfd_jax.fid import commands
 from sfd_jax.fid import detector as detector_lib
 from sfd_jax.fid import evaluate, metrics, sources
 
@@ -36,7 +37,7 @@ def _fast_frechet(mu1, s1, mu2, s2):
 
 @pytest.fixture(autouse=True)
 def use_random_inception(monkeypatch, random_inception):
-  monkeypatch.setattr(cli, '_load_detector', lambda path: random_inception)
+  monkeypatch.setattr(commands, '_load_detector', lambda path: random_inception)
   calls = []
   monkeypatch.setattr(metrics, 'frechet_distance', lambda *a: calls.append(a) or _fast_frechet(*a))
   return calls
