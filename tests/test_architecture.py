@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).parent.parent / 'sfd_jax'
-ENTRY_POINTS = ('sfd_jax.main', 'sfd_jax.sample', 'sfd_jax.convert', 'sfd_jax.demo.__main__',
+ENTRY_POINTS = ('sfd_jax.main', 'sfd_jax.sample', 'sfd_jax.convert', 'sfd_jax.fid.__main__', 'sfd_jax.demo.__main__',
                 'sfd_jax.demo.pretrain')
 THIN = 60  # lines
 

@@ -120,7 +120,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> None:
 # Reading.
 
 
-class _StateDictUnpickler(RestrictedUnpickler):
+class StateDictUnpickler(RestrictedUnpickler):
   """Admits only what a saved state dict references; storages come from the zip records."""
 
   SAFE_GLOBALS = TENSOR_GLOBALS
@@ -141,7 +141,7 @@ class _StateDictUnpickler(RestrictedUnpickler):
     return self._storages[key]
 
 
-def _archive_prefix(archive: zipfile.ZipFile) -> str:
+def archive_prefix(archive: zipfile.ZipFile) -> str:
   pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
     raise CorruptDataError("no <archive>/data.pkl record (not a torch zip-format file)")
@@ -169,7 +169,7 @@ def load_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
     raise TorchFormatError(f"{path}: not a torch zip-format .pt file")
   try:
     with zipfile.ZipFile(path) as archive:
-      prefix = _archive_prefix(archive)
+      prefix = archive_prefix(archive)
       little = _byteorder(archive, prefix) == "little"
 
       def load_storage(key, dtype, numel):
@@ -179,7 +179,7 @@ def load_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
           raise CorruptDataError(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
         return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
 
-      result = _StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
+      result = StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
   except RefusedGlobal as e:
     raise TorchFormatError(f"{path}: refused global {e} (not part of a state dict)") from None
   except CorruptDataError as e:
