@@ -16,7 +16,6 @@ gradient of a sum is 1 everywhere), so the candidates are compared on the same f
   python experiments/bench_loss_sum.py --skip_b   # A + C only
 """
 import argparse
-import functools
 import math
 import pathlib
 import platform
@@ -114,19 +113,18 @@ def part_b(fx, f64):
   variables = networks.state_dict_to_variables(config, state_dict, source='params_before')
   optim, settings = OptimSettings(), DistillSettings()
   optimizer = sfd.make_optimizer(optim)
-  step = jax.jit(functools.partial(
-      sfd.sfd_iteration, student_denoise=networks.make_denoise(config), teacher_denoise=teacher.denoise,
-      optimizer=optimizer, settings=settings, return_debug=True))
+  step = sfd.make_step(sfd.Denoisers(networks.make_denoise(config), teacher.denoise), optimizer, debug=True)
   params, buffers = sfd.split_variables(variables)
-  opt_state = optimizer.init(params)
+  state = sfd.TrainState(params, optimizer.init(params), buffers)
   errs = {name: [] for name in CANDIDATES}
   errs['official fp32'] = []
   times = []
   for k in (1, 2, 3):
     start = time.perf_counter()
-    params, opt_state, _, debug = step(params, opt_state, buffers, teacher.params,
-                                       np.moveaxis(fx[f'latents_iter{k}'], 1, -1), None, jax.random.key(0), optim.lr)
-    jax.block_until_ready(params)
+    state, metrics = step(state, teacher.params, np.moveaxis(fx[f'latents_iter{k}'], 1, -1), None,
+                          jax.random.key(0), optim.lr, settings)
+    debug = metrics.pop('debug')
+    jax.block_until_ready(state.params)
     times.append(time.perf_counter() - start)
     for i in range(3):
       m = jnp.abs(debug['out'][i] - debug['targets'][i])

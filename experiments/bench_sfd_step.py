@@ -7,9 +7,11 @@ kimg (thousand distilled trajectories), to compare with the paper's 0.64 A100-ho
 
   python experiments/bench_sfd_step.py                 # CIFAR-10 size, batch 128
   python experiments/bench_sfd_step.py --small --batch=8 --iters=2   # CPU smoke run
+  python experiments/bench_sfd_step.py --precision=bfloat16 --batch_per_device=32 --remat
 """
 import argparse
 import platform
+import resource
 import time
 
 import jax
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax import networks, sfd, train
-from sfd_jax.config_types import DistillSettings, OptimSettings
+from sfd_jax.config_types import DistillSettings, OptimSettings, TrainSettings
 
 CIFAR10_DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
                       decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
@@ -37,6 +39,14 @@ def build_models(kwargs):
                       networks.make_denoise(student_config), student_variables), teacher_config
 
 
+def peak_memory() -> str:
+  """Peak host RSS and, where the backend reports it, peak device memory."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+  stats = jax.devices()[0].memory_stats() or {}
+  device = stats.get('peak_bytes_in_use')
+  return f'peak RSS {rss:.2f} GiB' + (f', peak device memory {device / 2 ** 30:.2f} GiB' if device else '')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--small', action='store_true', help='tiny 16x16 network (CPU smoke run)')
@@ -44,6 +54,9 @@ def main():
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--num_steps', type=int, default=4)
   parser.add_argument('--model_channels', type=int, default=0, help='override the width (0: keep)')
+  parser.add_argument('--precision', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--batch_per_device', type=int, default=0, help='micro-batch per device (0: whole batch)')
+  parser.add_argument('--remat', action='store_true', help="rematerialise the student's forward pass")
   args = parser.parse_args()
 
   kwargs = dict(SMALL if args.small else CIFAR10_DDPMPP)
@@ -54,32 +67,32 @@ def main():
   optim = OptimSettings()
   optimizer = sfd.make_optimizer(optim)
   mesh = train.make_mesh()
-  step = train.make_step(models, optimizer, settings, mesh)
+  opts = train.step_options(TrainSettings(batch=args.batch, precision=args.precision,
+                                          batch_per_device=args.batch_per_device, remat=args.remat),
+                            jax.device_count())
+  step = train.make_step(models, optimizer, opts, mesh)
   draw = train.make_batch_fn(mesh, (args.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
                              0, settings.sigma_max)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Placed as the step's outputs are, so the second call does not recompile.
   params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
   teacher_variables = jax.device_put(models.teacher_variables, replicated)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  state = sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)
   key = jax.random.key(0)
 
-  args_of = lambda i, params, opt_state: (params, opt_state, buffers, teacher_variables,
-                                          *draw(jax.random.fold_in(key, i)),
-                                          jax.random.fold_in(key, 10_000 + i), np.float32(optim.lr))
-  t0 = time.perf_counter()
-  compiled = step.lower(*args_of(0, params, opt_state)).compile()
-  compile_s = time.perf_counter() - t0
-  print(f'compile: {compile_s:.1f} s', flush=True)
-  one = lambda i, params, opt_state: compiled(*args_of(i, params, opt_state))
+  def one(i, state):
+    latents, labels = draw(jax.random.fold_in(key, i))
+    return step(state, teacher_variables, latents, labels, jax.random.fold_in(key, 10_000 + i),
+                np.float32(optim.lr), settings)
 
+  # The first iteration compiles the teacher program, the AFS interval and the student interval.
   t0 = time.perf_counter()
-  params, opt_state, metrics = one(0, params, opt_state)
+  state, metrics = one(0, state)
   jax.block_until_ready(metrics)
   first_s = time.perf_counter() - t0
+  print(f'first iteration (compile + run): {first_s:.1f} s', flush=True)
   t0 = time.perf_counter()
   for i in range(1, args.iters + 1):
-    params, opt_state, metrics = one(i, params, opt_state)
+    state, metrics = one(i, state)
   jax.block_until_ready(metrics)
   per_iter = (time.perf_counter() - t0) / args.iters
   device = jax.devices()[0]
@@ -87,11 +100,13 @@ def main():
         f'jax {jax.__version__}, matmul precision {jax.config.jax_default_matmul_precision}')
   print(f'network: {networks.count_params(models.student_variables):,} params, '
         f'{cfg.img_resolution}x{cfg.img_resolution}; batch {args.batch}; num_steps {args.num_steps}; '
-        f'teacher NFE {(settings.M + 1) * (args.num_steps - 1)}')
-  print(f'compile: {compile_s:.1f} s; first iteration: {first_s:.2f} s')
+        f'teacher NFE {(settings.M + 1) * (args.num_steps - 1)}; precision {args.precision}; '
+        f'micro-batches {opts.micro_batches}; remat {args.remat}')
+  print(f'first iteration (compile + run): {first_s:.1f} s; {peak_memory()}')
   print(f'iteration: {per_iter * 1000:.1f} ms  ->  {per_iter / args.batch * 1000:.2f} s/kimg  '
         f'({200 * per_iter / args.batch * 1000 / 3600:.2f} h for 200 kimg)')
-  print('loss per interval:', np.asarray(metrics['loss']).round(3).tolist())
+  print('loss per interval:', np.asarray(metrics['loss']).round(3).tolist(),
+        'redone in float32:', int(np.sum(metrics['redo'])) + int(metrics['teacher_redo']))
 
 
 if __name__ == '__main__':

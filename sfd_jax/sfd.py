@@ -1,12 +1,16 @@
-"""The SFD distillation iteration (SPEC §5) as pure functions.
+"""The SFD distillation iteration (SPEC §5) as pure functions and the jitted step built from them.
 
 One iteration: the frozen teacher solves the probability-flow ODE on a fine schedule and
 yields one target per student interval; the student then takes one Euler step per interval
 from its OWN previous output, and each non-AFS step is followed by one Adam update on the
-L1 loss. Everything here is jit-able; nothing imports Flax.
+L1 loss. `make_step` compiles two programs: the teacher's (one per num_steps; its solver is a
+`lax.scan`) and one student-interval update whose interval times are traced values, reused
+for every interval and every num_steps, so compile time does not grow with num_steps.
+Nothing here imports Flax.
 """
+import dataclasses
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -62,59 +66,143 @@ def _make_plan(settings: DistillSettings) -> Plan:
               tea_slice=tuple(i * (settings.M + 1) for i in range(1, n)), inner_t=inner)
 
 
-def teacher_targets(teacher_denoise: Callable, teacher_variables, latents, class_labels,
-                    plan: Plan, settings: DistillSettings):
+PRECISIONS = {'float32': None, 'bfloat16': 'bfloat16'}  # config name -> network compute dtype
+METRIC_KEYS = ('loss', 'grad_norm', 'nonfinite', 'redo')
+
+
+class TrainState(NamedTuple):
+  """Everything one step reads and replaces (donated): the student's variables and Adam's state."""
+  params: Any                         # the student's trainable parameters (float32)
+  opt_state: Any                      # optax state of `make_optimizer` (float32 moments)
+  buffers: Any                        # the student's constant buffers (never trained)
+
+
+class Denoisers(NamedTuple):
+  """`denoise(variables, x, sigma, class_labels, ..., train, dropout_rng)` of both networks.
+
+  The float32 pair defines the iteration (and redoes a non-finite low-precision interval);
+  the low-precision pair, when given, is what runs first (`make_denoise(config, 'bfloat16')`).
+  """
+  student: Callable
+  teacher: Callable
+  student_low: Optional[Callable] = None
+  teacher_low: Optional[Callable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How a step computes, not what it computes (same update up to rounding)."""
+  precision: str = 'float32'          # 'float32' (parity) | 'bfloat16' (needs Denoisers.*_low)
+  micro_batches: int = 1              # gradient-accumulation rounds per interval (batch_per_device)
+  num_shards: int = 1                 # devices the batch is sharded over (micro-batches keep rows local)
+  remat: bool = False                 # recompute the student's forward pass in its backward pass
+
+
+def interval_times(plan: Plan) -> np.ndarray:
+  """(t_cur, t'0, t'1) of each student interval, `[num_steps-1, 3]` float32: the traced inputs
+  of the one compiled interval program."""
+  return np.asarray([(plan.t_steps[i], *plan.inner_t[i]) for i in range(len(plan.inner_t))], np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_solver(settings: DistillSettings) -> Callable:
+  """The teacher's `solve(denoise, latents, t_steps) -> trajectory`, chosen once from settings."""
+  return functools.partial(solvers.teacher_trajectory, solver=settings.sampler_tea, max_order=settings.max_order,
+                           predict_x0=settings.predict_x0, lower_order_final=settings.lower_order_final,
+                           thresholding=settings.thresholding)
+
+
+def all_finite(*trees):
+  """Scalar bool: every value of every tree is finite."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for tree in trees for leaf in jax.tree.leaves(tree)]
+  return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
+def split_batch(x, opts: StepOptions):
+  """`[B, ...]` → `[micro_batches, B / micro_batches, ...]`, each micro-batch holding rows of every
+  shard (device d's rows stay on device d when the batch is sharded in `num_shards` blocks)."""
+  if x is None:
+    return None
+  d, k = opts.num_shards, opts.micro_batches
+  x = x.reshape(d, k, x.shape[0] // (d * k), *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape(k, x.shape[0] * x.shape[2], *x.shape[3:])
+
+
+def join_batch(x, opts: StepOptions):
+  """Inverse of `split_batch`."""
+  d, k = opts.num_shards, opts.micro_batches
+  x = x.reshape(k, d, x.shape[1] // d, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(k * x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denoisers, solve: Callable,
+                  plan: Plan, opts: StepOptions, debug: bool = False):
   """Runs the teacher solver (eval mode, no gradients) and returns one target per interval.
 
   Args:
-    teacher_denoise: `denoise(variables, x, sigma, class_labels=None, ...)` of the teacher.
     teacher_variables: the teacher's network variables.
     latents: `[B, H, W, C]`, `sigma_max · N(0, I)` (the official latents).
     class_labels: `[B, label_dim]` one-hot, or None.
-    plan: from `make_plan(settings)`.
-    settings: the distillation settings.
+    denoisers: the networks; `teacher_low` runs first when `opts.precision` is low.
+    solve: `teacher_solver(settings)`.
+    plan: `make_plan(settings)`.
+    opts: precision and micro-batching (the teacher runs one micro-batch at a time).
+    debug: also return the whole trajectory.
 
   Returns:
-    (targets `[num_steps-1, B, H, W, C]`, whole trajectory `[num_teacher, B, H, W, C]`).
+    (targets: tuple of num_steps-1 `[B, H, W, C]`, trajectory `[num_teacher, B, ...]` or None,
+    teacher_redo: int32, 1 when a non-finite low-precision trajectory was redone in float32).
   """
-  denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, class_labels, train=False)
-  # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
-  unit = latents / jnp.float32(plan.t_steps[0])
-  traj = solvers.teacher_trajectory(
-      denoise, unit, jnp.asarray(plan.teacher_t_steps, jnp.float32), settings.sampler_tea,
-      max_order=settings.max_order, predict_x0=settings.predict_x0,
-      lower_order_final=settings.lower_order_final, thresholding=settings.thresholding)
+  t_steps = jnp.asarray(plan.teacher_t_steps, jnp.float32)
+
+  def run(teacher_denoise):
+    def one(z, labels):
+      denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, labels, train=False)
+      # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
+      return solve(denoise, z / jnp.float32(plan.t_steps[0]), t_steps)
+    if opts.micro_batches == 1:
+      return one(latents, class_labels)
+    traj = jax.lax.map(lambda chunk: one(*chunk), (split_batch(latents, opts), split_batch(class_labels, opts)))
+    return jax.vmap(lambda t: join_batch(t, opts), in_axes=1)(traj)  # [num_teacher, B, ...]
+
+  redo = jnp.int32(0)
+  if opts.precision != 'float32':
+    traj = run(denoisers.teacher_low)
+    bad = ~all_finite(traj)
+    traj = jax.lax.cond(bad, lambda: run(denoisers.teacher), lambda: traj)
+    redo = bad.astype(jnp.int32)
+  else:
+    traj = run(denoisers.teacher)
   traj = jax.lax.stop_gradient(traj)
-  return traj[jnp.asarray(plan.tea_slice)], traj
+  return tuple(traj[j] for j in plan.tea_slice), (traj if debug else None), redo
 
 
-def student_step(student_denoise: Callable, params, buffers, x_in, target, step_idx: int,
-                 plan: Plan, settings: DistillSettings, class_labels=None, dropout_rng=None,
-                 last_interval_loss: Optional[Callable] = None, loss_params=None):
-  """One student Euler step over interval `step_idx` and its L1 loss.
+def l1_sum(out, target):
+  """Σ |out − target| over every element: the SFD loss before the division by the batch."""
+  return jnp.sum(jnp.abs(out - target))
+
+
+def student_interval(student_denoise: Callable, params, buffers, x_in, target, times, class_labels,
+                     step_condition, dropout_rng, *, afs: bool, extra_loss: Optional[Callable] = None):
+  """One student Euler step over an interval and its loss sum (no division by the batch).
 
   Args:
     student_denoise: `denoise(variables, x, sigma, ...)` of the student network.
     params, buffers: the student's variables split into trained and constant parts.
-    x_in: `[B, H, W, C]` the start point (latents at step 0, else the previous output).
-    target: `[B, H, W, C]` the teacher's point at the end of the interval.
-    step_idx: static interval index.
-    plan, settings: as from `make_plan`.
-    class_labels: `[B, label_dim]` or None.
+    x_in: `[b, H, W, C]` the start point (latents at step 0, else the previous output).
+    target: `[b, H, W, C]` the teacher's point at the end of the interval.
+    times: `[3]` float32 (t_cur, t'0, t'1) of the interval (`interval_times`).
+    class_labels: `[b, label_dim]` or None.
+    step_condition: scalar (SFD-v: num_steps) or None.
     dropout_rng: key for the student's dropout (train mode).
-    last_interval_loss: [second stage] `(loss_params, out, target) -> scalar` added to every
-      element of the L1 map of the LAST interval only (official: mean LPIPS over the batch).
-    loss_params: its weights, an argument (a closure would bake them into the program).
+    afs: the analytical first step (no network call).
+    extra_loss: `extra_loss(out, target) -> scalar` added to the sum (the last interval's hook).
 
   Returns:
-    (loss, aux): loss = Σ|out − target| / B (a scalar; with the hook on the last interval
-    (Σ|out − target| + out.size · hook) / B), aux = dict(out, denoised, loss_sum).
-    With AFS at step 0 there is no network call and `denoised` is None.
+    (loss_sum, aux): loss_sum = Σ|out − target| (+ extra_loss), aux = dict(out, denoised);
+    with AFS `denoised` is None.
   """
-  t_cur, t_next = plan.t_steps[step_idx], plan.t_steps[step_idx + 1]
-  t0, t1 = plan.inner_t[step_idx]
-  afs = settings.afs and step_idx == 0
-  step_condition = float(settings.num_steps) if settings.use_step_condition else None
+  t_cur, t0, t1 = times[0], times[1], times[2]
   seen = []
 
   def denoise(x, sigma):
@@ -123,14 +211,106 @@ def student_step(student_denoise: Callable, params, buffers, x_in, target, step_
     seen.append(d)
     return d
 
-  x = (x_in / jnp.float32(t_cur)) * jnp.float32(t0)
-  out = solvers.euler_step(denoise, x, jnp.float32(t0), jnp.float32(t1), afs=afs)
-  loss_sum = jnp.sum(jnp.abs(out - target))
-  if last_interval_loss is not None and step_idx == settings.num_steps - 2:  # [second stage]
-    loss_sum = loss_sum + last_interval_loss(loss_params, out, target) * out.size
-  aux = dict(out=out, denoised=seen[0] if seen else None, loss_sum=loss_sum)
-  return loss_sum / x_in.shape[0], aux
+  x = (x_in / t_cur) * t0
+  out = solvers.euler_step(denoise, x, t0, t1, afs=afs)
+  loss_sum = l1_sum(out, target)
+  if extra_loss is not None:
+    loss_sum = loss_sum + extra_loss(out, target)
+  return loss_sum, dict(out=out, denoised=seen[0] if seen else None)
 
+
+def interval_grads(student_denoise: Callable, params, buffers, x_in, target, times, class_labels,
+                   step_condition, dropout_rng, *, opts: StepOptions, extra_loss=None):
+  """Loss sum, output and gradient of Σ|out − target| / B over the whole batch, accumulated over
+  `opts.micro_batches` micro-batches (each divides by the GLOBAL batch B, so the summed
+  gradients are the full-batch gradient).
+
+  Returns:
+    (loss_sum, out `[B, ...]`, denoised `[B, ...]`, grads like params).
+  """
+  batch = x_in.shape[0]
+
+  def loss_fn(p, x, tgt, labels, rng):
+    loss_sum, aux = student_interval(student_denoise, p, buffers, x, tgt, times, labels, step_condition, rng,
+                                     afs=False, extra_loss=extra_loss)
+    return loss_sum / batch, (loss_sum, aux['out'], aux['denoised'])
+
+  if opts.remat:
+    loss_fn = jax.checkpoint(loss_fn)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if opts.micro_batches == 1:
+    grads, (loss_sum, out, denoised) = grad_fn(params, x_in, target, class_labels, dropout_rng)
+    return loss_sum, out, denoised, grads
+
+  def body(acc, chunk):
+    x, tgt, labels, c = chunk
+    grads, (loss_sum, out, denoised) = grad_fn(params, x, tgt, labels, jax.random.fold_in(dropout_rng, c))
+    acc = (acc[0] + loss_sum, jax.tree.map(jnp.add, acc[1], grads))
+    return acc, (out, denoised)
+
+  zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params))
+  chunks = (split_batch(x_in, opts), split_batch(target, opts), split_batch(class_labels, opts),
+            jnp.arange(opts.micro_batches))
+  (loss_sum, grads), (out, denoised) = jax.lax.scan(body, zeros, chunks)
+  return loss_sum, join_batch(out, opts), join_batch(denoised, opts), grads
+
+
+def interval_update(state: TrainState, x_in, target, times, class_labels, step_condition, dropout_rng, lr, *,
+                    denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions,
+                    afs: bool, extra_loss: Optional[Callable] = None, debug: bool = False):
+  """One student interval: Euler step, L1 loss and (unless AFS) one Adam update.
+
+  With low precision, a non-finite loss or gradient is redone in float32 (`lax.cond`: only
+  taken when needed) and counted in `redo`; what then remains non-finite is replaced as the
+  official loop does (nan → 0, ±inf → ±1e5) before Adam.
+
+  Args:
+    state: the `TrainState` (donated by `make_step`).
+    x_in, target: `[B, H, W, C]`.
+    times: `[3]` (t_cur, t'0, t'1), traced.
+    class_labels: `[B, label_dim]` or None.
+    step_condition: traced scalar or None.
+    dropout_rng: this interval's dropout key.
+    lr: scalar learning rate (traced).
+    denoisers, optimizer, opts: as for `make_step`.
+    afs: static; the analytical first step takes no Adam step.
+    extra_loss: static hook added to this interval's loss sum (`make_step`'s `last_interval_loss`).
+    debug: also return `denoised` and the gradients in the metrics.
+
+  Returns:
+    (state, out `[B, H, W, C]`, metrics: loss = loss_sum / B, grad_norm, nonfinite, redo).
+  """
+  batch = x_in.shape[0]
+  zero_i, zero_f = jnp.int32(0), jnp.float32(0.0)
+  if afs:
+    loss_sum, aux = student_interval(None, None, None, x_in, target, times, None, None, None, afs=True,
+                                     extra_loss=extra_loss)
+    metrics = dict(loss=loss_sum / batch, grad_norm=zero_f, nonfinite=zero_i, redo=zero_i)
+    if debug:
+      metrics['debug'] = dict(denoised=None, grads=None)
+    return state, aux['out'], metrics
+
+  run = lambda denoise: interval_grads(denoise, state.params, state.buffers, x_in, target, times, class_labels,
+                                       step_condition, dropout_rng, opts=opts, extra_loss=extra_loss)
+  redo = zero_i
+  if opts.precision != 'float32':
+    result = run(denoisers.student_low)
+    bad = ~all_finite(result[0], result[3])
+    result = jax.lax.cond(bad, lambda: run(denoisers.student), lambda: result)
+    redo = bad.astype(jnp.int32)
+  else:
+    result = run(denoisers.student)
+  loss_sum, out, denoised, grads = result
+  grads, count = sanitize_grads(grads)
+  # A new state rather than an in-place edit: the caller's pytree must stay untouched.
+  opt_state = state.opt_state._replace(
+      hyperparams={**state.opt_state.hyperparams, 'learning_rate': jnp.asarray(lr, jnp.float32)})
+  updates, opt_state = optimizer.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(loss=loss_sum / batch, grad_norm=optax.tree.norm(grads), nonfinite=count, redo=redo)
+  if debug:
+    metrics['debug'] = dict(denoised=denoised, grads=grads)
+  return state._replace(params=params, opt_state=opt_state), out, metrics
 
 def sanitize_grads(grads):
   """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values.
@@ -167,69 +347,109 @@ def learning_rate(optim: OptimSettings, cur_nimg: int, batch: int, total_kimg: f
   return optim.lr * (optim.lr_drop_factor if drop else 1.0)
 
 
-def sfd_iteration(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr,
-                  loss_params=None, *, student_denoise: Callable, teacher_denoise: Callable,
-                  optimizer: optax.GradientTransformation, settings: DistillSettings,
-                  return_debug: bool = False, targets_fn: Callable = None,
-                  last_interval_loss: Optional[Callable] = None):
-  """One full SFD iteration: teacher targets, then one student step + Adam update per interval.
+def _custom_targets(teacher_variables, latents, class_labels, *, targets_fn, denoisers, plan, settings, debug):
+  """`teacher_stage`'s outputs from a caller's `targets_fn` (float32 teacher, no redo)."""
+  targets, traj = targets_fn(denoisers.teacher, teacher_variables, latents, class_labels, plan, settings)
+  targets = jax.lax.stop_gradient(targets)
+  return tuple(targets[i] for i in range(targets.shape[0])), (traj if debug else None), jnp.int32(0)
+
+
+class StepPrograms(NamedTuple):
+  """The compiled pieces of one step (exposed for tests and benchmarks)."""
+  teacher: Callable                   # settings -> jitted teacher_stage for that num_steps
+  interval: Callable                  # jitted interval_update (static: afs, last)
+
+
+def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions = StepOptions(),
+              *, mesh=None, data_axis: str = 'data', last_interval_loss: Optional[Callable] = None,
+              targets_fn: Optional[Callable] = None, debug: bool = False):
+  """The SFD step: one donated `TrainState` in, the new state and a fixed metrics dict out.
+
+  Two jitted programs do the work: the teacher stage (compiled once per `settings`, i.e. per
+  num_steps; its solver is scanned) and one student-interval update whose times, step index
+  and step condition are traced, so it compiles once for every interval of every num_steps
+  (plus a tiny program for the AFS interval, which calls no network). A Python loop calls
+  the interval program once per interval, as the official loop calls its loss once per step.
 
   Args:
-    params: the student's trainable parameters (variables['params']).
-    opt_state: state of `optimizer` (from `make_optimizer`).
-    buffers: the student's constant buffers (variables['buffers']).
-    teacher_variables: the frozen teacher's variables.
-    latents: `[B, H, W, C]` = sigma_max · N(0, I).
-    class_labels: `[B, label_dim]` one-hot or None.
-    dropout_rng: key for the student's dropout; step i uses fold_in(key, i).
-    lr: scalar learning rate (traced, so changing it does not retrace).
-    student_denoise, teacher_denoise: pure denoisers (`make_denoise` of each config).
-    optimizer: the optax transformation whose state is `opt_state`.
-    settings: the distillation settings (num_steps etc.; static).
-    return_debug: also return targets, trajectory, outputs, denoised values and grads.
-    loss_params: [second stage] weights of `last_interval_loss` (LPIPS), or None.
-    targets_fn: [second stage] replaces `teacher_targets` (same signature), e.g. the Euler
-      trajectory of a first-stage student (`sfd_jax.stage2.make_targets_fn`).
-    last_interval_loss: [second stage] see `student_step`.
+    denoisers: the networks (`Denoisers`).
+    optimizer: from `make_optimizer`.
+    opts: precision, micro-batching and rematerialisation.
+    mesh: a 1-axis mesh: state replicated, batch sharded over `data_axis`; None: no shardings.
+    data_axis: the mesh axis name of the batch.
+    last_interval_loss: optional `fn(loss_params, out, target) -> scalar` added to every
+      element of the L1 map of the LAST interval only, i.e. + value · out.size to its loss sum
+      (the second stage: batch-mean LPIPS); `loss_params` is the step's last argument.
+    targets_fn: optional `fn(teacher_denoise, teacher_variables, latents, class_labels, plan,
+      settings) -> (targets [num_steps-1, B, ...], trajectory)` replacing the teacher stage
+      (the second stage's Euler teacher); it runs the float32 teacher.
+    debug: metrics also hold 'debug': targets, trajectory, out, denoised and grads per interval.
 
   Returns:
-    (params, opt_state, metrics) and, with return_debug, a debug dict. metrics holds
-    `loss` [num_steps-1] (Σ|out−target| / B per interval), `grad_norm` [num_steps-1]
-    (global norm after sanitising; 0 for the AFS step) and `nonfinite` [num_steps-1].
+    `step(state, teacher_variables, latents, class_labels, dropout_rng, lr, settings, loss_params=None)
+    -> (state, metrics)`; metrics: `loss` [num_steps-1] (Σ|out−target| / B), `grad_norm`
+    (after sanitising; 0 for AFS), `nonfinite` (non-finite gradient values replaced) and
+    `redo` (1 where a low-precision interval was redone in float32), each [num_steps-1], and
+    `teacher_redo` (scalar). Interval i uses the dropout key fold_in(dropout_rng, i). The
+    step also has `.programs` (`StepPrograms`).
   """
-  plan = make_plan(settings)
-  targets, traj = (targets_fn or teacher_targets)(teacher_denoise, teacher_variables, latents, class_labels,
-                                                  plan, settings)
-  # A new state rather than an in-place edit: the caller's pytree must stay untouched.
-  opt_state = opt_state._replace(
-      hyperparams={**opt_state.hyperparams, 'learning_rate': jnp.asarray(lr, jnp.float32)})
-  x = latents
-  losses, norms, nonfinite, debug = [], [], [], dict(out=[], denoised=[], grads=[])
-  for i in range(settings.num_steps - 1):
-    step = lambda p: student_step(student_denoise, p, buffers, x, targets[i], i, plan, settings,
-                                  class_labels, jax.random.fold_in(dropout_rng, i), last_interval_loss, loss_params)
-    if settings.afs and i == 0:
-      loss, aux = step(params)  # the official AFS step logs a loss but takes no Adam step
-      norms.append(jnp.float32(0.0))
-      nonfinite.append(jnp.int32(0))
-    else:
-      (loss, aux), grads = jax.value_and_grad(step, has_aux=True)(params)
-      grads, count = sanitize_grads(grads)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      norms.append(optax.tree.norm(grads))
-      nonfinite.append(count)
-      debug['grads'].append(grads)
-    losses.append(loss)
-    x = jax.lax.stop_gradient(aux['out'])  # the student continues from its own output
-    debug['out'].append(aux['out'])
-    debug['denoised'].append(aux['denoised'])
-  metrics = dict(loss=jnp.stack(losses), grad_norm=jnp.stack(norms), nonfinite=jnp.stack(nonfinite))
-  if not return_debug:
-    return params, opt_state, metrics
-  debug.update(targets=targets, trajectory=traj)
-  return params, opt_state, metrics, debug
+  if opts.precision not in PRECISIONS:
+    raise ValueError(f'precision={opts.precision!r} unknown (valid: {", ".join(PRECISIONS)})')
+  if opts.precision != 'float32' and (denoisers.student_low is None or denoisers.teacher_low is None):
+    raise ValueError(f'precision={opts.precision!r} needs the low-precision denoisers (Denoisers.*_low)')
+  shard = lambda *spec: None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  replicated, data = shard(), shard(data_axis)
 
+  def interval_fn(state, x_in, target, times, class_labels, step_condition, rng, i, lr, loss_params, *, afs, last):
+    # The hook's value is added to every element of the L1 map: + hook · out.size to the sum.
+    extra = (lambda out, tgt: last_interval_loss(loss_params, out, tgt) * out.size) if last else None
+    return interval_update(state, x_in, target, times, class_labels, step_condition, jax.random.fold_in(rng, i),
+                           lr, denoisers=denoisers, optimizer=optimizer, opts=opts, afs=afs, extra_loss=extra,
+                           debug=debug)
+
+  placed = mesh is not None and not debug  # debug outputs: let XLA place them
+  interval = jax.jit(interval_fn, static_argnames=('afs', 'last'), donate_argnums=0,
+                     **(dict(out_shardings=(replicated, data, dict.fromkeys(METRIC_KEYS, replicated)))
+                        if placed else {}))
+  teachers = {}
+
+  def teacher(settings: DistillSettings):
+    if settings not in teachers:
+      fn = functools.partial(teacher_stage, denoisers=denoisers, solve=teacher_solver(settings),
+                             plan=make_plan(settings), opts=opts, debug=debug)
+      if targets_fn is not None:
+        fn = functools.partial(_custom_targets, targets_fn=targets_fn, denoisers=denoisers,
+                               plan=make_plan(settings), settings=settings, debug=debug)
+      n = settings.num_steps - 1
+      teachers[settings] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
+    return teachers[settings]
+
+  def step(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr, settings: DistillSettings,
+           loss_params=None):
+    plan = make_plan(settings)
+    targets, traj, teacher_redo = teacher(settings)(teacher_variables, latents, class_labels)
+    times = interval_times(plan)
+    step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
+    lr = np.float32(lr)
+    x, per_interval, outs = latents, [], []
+    for i in range(settings.num_steps - 1):
+      afs = settings.afs and i == 0
+      # Without a hook every interval runs the same program; with one, the last has its own.
+      last = last_interval_loss is not None and i == settings.num_steps - 2
+      state, x, m = interval(state, x, targets[i], times[i], class_labels, step_condition, dropout_rng,
+                             np.int32(i), lr, loss_params, afs=afs, last=last)
+      per_interval.append(m)
+      outs.append(x)
+    metrics = {k: jnp.stack([m[k] for m in per_interval]) for k in METRIC_KEYS}
+    metrics['teacher_redo'] = teacher_redo
+    if debug:
+      metrics['debug'] = dict(targets=targets, trajectory=traj, out=outs,
+                              denoised=[m['debug']['denoised'] for m in per_interval],
+                              grads=[m['debug']['grads'] for m in per_interval if m['debug']['grads'] is not None])
+    return state, metrics
+
+  step.programs = StepPrograms(teacher, interval)
+  return step
 
 def split_variables(variables):
   """{'params', 'buffers'} → (params, buffers); buffers may be absent."""

@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ class Models(NamedTuple):
   student_config: Any
   student_denoise: Callable
   student_variables: Any
+  teacher_config: Any = None          # for the low-precision teacher (train.precision)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -82,30 +83,48 @@ def load_models(run: RunConfig) -> Models:
   student_variables = networks.state_dict_to_variables(
       student_config, state_dict, rng=jax.random.key(run.train.seed), source=run.teacher)
   return Models(teacher.denoise, teacher.params, student_config, networks.make_denoise(student_config),
-                student_variables)
+                student_variables, tc)
 
 
-def make_step(models: Models, optimizer, settings: DistillSettings, mesh, second_stage=None) -> Callable:
-  """The jitted iteration for one num_steps: state replicated and donated, batch sharded.
+def step_options(train_settings, num_devices: int) -> sfd.StepOptions:
+  """The step's precision / accumulation / remat options; one-line error for a batch that does not split.
+
+  Raises:
+    ValueError: batch not divisible by devices (× batch_per_device).
+  """
+  batch, per = train_settings.batch, train_settings.batch_per_device
+  if batch % num_devices:
+    raise ValueError(f'config.train.batch={batch} is not divisible by the {num_devices} devices')
+  if per and (batch // num_devices) % per:
+    raise ValueError(f'config.train.batch={batch} is not divisible by {num_devices} devices x '
+                     f'config.train.batch_per_device={per}')
+  micro = (batch // num_devices) // per if per else 1
+  return sfd.StepOptions(precision=train_settings.precision, micro_batches=micro, num_shards=num_devices,
+                         remat=train_settings.remat)
+
+
+def make_denoisers(models: Models, precision: str) -> sfd.Denoisers:
+  """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them."""
+  if precision == 'float32':
+    return sfd.Denoisers(models.student_denoise, models.teacher_denoise)
+  from sfd_jax import networks  # Flax lives behind this module
+  dtype = sfd.PRECISIONS[precision]
+  return sfd.Denoisers(models.student_denoise, models.teacher_denoise,
+                       networks.make_denoise(models.student_config, dtype),
+                       networks.make_denoise(models.teacher_config, dtype))
+
+
+def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_stage=None, **kwargs) -> Callable:
+  """The SFD step on `mesh`: state replicated and donated, batch sharded (see `sfd.make_step`).
 
   Returns:
-    `step(params, opt_state, buffers, teacher_variables, latents, class_labels, dropout_rng, lr,
-    loss_params=None) -> (params, opt_state, metrics)`; lr is traced, so it compiles once.
+    `step(state, teacher_variables, latents, class_labels, dropout_rng, lr, settings, loss_params=None)
+    -> (state, metrics)`; one student-interval program serves every num_steps.
   """
-  stage = {} if second_stage is None else dict(  # [second stage] Euler teacher, LPIPS hook
-      targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
-  fn = functools.partial(sfd.sfd_iteration, student_denoise=models.student_denoise,
-                         teacher_denoise=models.teacher_denoise, optimizer=optimizer, settings=settings, **stage)
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-
-
-def cached_step(cache: Dict[int, Callable], models: Models, optimizer, settings: DistillSettings,
-                mesh, second_stage=None) -> Callable:
-  """The step for `settings.num_steps`, built once per distinct value (SFD-v draws 4..7)."""
-  if settings.num_steps not in cache:
-    cache[settings.num_steps] = make_step(models, optimizer, settings, mesh, second_stage)
-  return cache[settings.num_steps]
+  if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
+    kwargs.update(targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
+  return sfd.make_step(make_denoisers(models, opts.precision), optimizer, opts, mesh=mesh, data_axis=DATA_AXIS,
+                       **kwargs)
 
 
 def make_batch_fn(mesh, shape, label_dim: int, sigma_max: float) -> Callable:
@@ -185,6 +204,8 @@ class TickStats:
       for name in ('loss', 'grad_norm'):
         out[name + suffix] = np.mean([m[name] for m in ms], axis=0).tolist()
     out['nonfinite'] = int(sum(int(np.sum(m['nonfinite'])) for m in fetched))
+    # Low-precision intervals (and teacher runs) redone in float32 after a non-finite value.
+    out['redo'] = int(sum(int(np.sum(m['redo'])) + int(m['teacher_redo']) for m in fetched))
     return out
 
 
@@ -192,7 +213,7 @@ def format_tick(s: dict) -> str:
   """The per-tick progress line."""
   losses = ' '.join(f'{k} [{", ".join(f"{v:.4f}" for v in s[k])}]' for k in s if k.startswith('loss'))
   return (f"tick {s['tick']:<5d} kimg {s['kimg']:<9.3f} sec/kimg {s['sec_per_kimg']:<8.2f} "
-          f"lr {s['lr']:.2e} {losses} nonfinite {s['nonfinite']}")
+          f"lr {s['lr']:.2e} {losses} nonfinite {s['nonfinite']} redo {s.get('redo', 0)}")
 
 
 def check_resume(meta: dict, run: RunConfig, workdir) -> None:
@@ -238,25 +259,27 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     second_stage = stage2.prepare(run, log)
     run = second_stage.run
   mesh = make_mesh()
-  if run.train.batch % jax.device_count():
-    raise ValueError(f'config.train.batch={run.train.batch} is not divisible by the {jax.device_count()} devices')
+  opts = step_options(run.train, jax.device_count())
   models = load_models(run)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   replicated = NamedSharding(mesh, P())
-  # A copy (may_alias=False): the step donates params, the loaded student must stay intact.
+  # Copies (may_alias=False): the step donates its state, the loaded student must stay intact.
   params = jax.device_put(models.student_variables['params'], replicated, may_alias=False)
-  buffers = jax.device_put(models.student_variables.get('buffers', {}), replicated)
+  buffers = jax.device_put(models.student_variables.get('buffers', {}), replicated, may_alias=False)
   teacher_variables = jax.device_put(models.teacher_variables, replicated)
   optimizer = sfd.make_optimizer(run.optim)
   opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
   loss_params = None if second_stage is None else jax.device_put(second_stage.loss_params, replicated)
+  state = sfd.TrainState(params, opt_state, buffers)
 
   manager = checkpoint.make_manager(workdir, run.train.max_checkpoints)
   base_key, nimg, iteration = jax.random.key(run.train.seed), 0, 0
-  restored = checkpoint.restore_latest(manager, params, buffers, opt_state)
+  # The checkpoint holds the TrainState's three fields as items (params, buffers, opt_state).
+  restored = checkpoint.restore_latest(manager, state.params, state.buffers, state.opt_state)
   if restored is not None:
     params, buffers, opt_state, meta = restored
+    state = sfd.TrainState(params, opt_state, buffers)
     check_resume(meta, run, workdir)
     nimg, iteration = meta['nimg'], meta['iteration']
     base_key = jax.random.wrap_key_data(np.asarray(meta['rng_key_data'], np.uint32))
@@ -265,7 +288,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   cfg = models.student_config
   shape = (run.train.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels)
   draw = make_batch_fn(mesh, shape, cfg.label_dim, run.distill.sigma_max)
-  steps: Dict[int, Callable] = {}  # one compiled program per num_steps (SFD-v draws 4..7)
+  step = make_step(models, optimizer, opts, mesh, second_stage)  # teacher compiled per num_steps, student interval once
   total_nimg = int(round(run.train.total_kimg * 1000))
   tick_nimg = int(round(run.train.kimg_per_tick * 1000))
   tick = nimg // tick_nimg if tick_nimg else 0
@@ -284,11 +307,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   while nimg < total_nimg:
     k_batch, k_drop, k_steps = iteration_keys(base_key, iteration)
     settings = draw_num_steps(run.distill, k_steps, second_stage is not None)
-    step = cached_step(steps, models, optimizer, settings, mesh, second_stage)
     lr = sfd.learning_rate(run.optim, nimg, run.train.batch, run.train.total_kimg)
     latents, labels = draw(k_batch)
-    params, opt_state, metrics = step(
-        params, opt_state, buffers, teacher_variables, latents, labels, k_drop, np.float32(lr), loss_params)
+    state, metrics = step(state, teacher_variables, latents, labels, k_drop, np.float32(lr), settings, loss_params)
     stats.metrics.append(metrics)
     nimg += run.train.batch
     iteration += 1
@@ -302,14 +323,14 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
         f.write(json.dumps(dict(summary, timestamp=time.time())) + '\n')
     tick += 1
     if done or tick % run.train.checkpoint_ticks == 0:
-      checkpoint.save(manager, iteration, params, buffers, opt_state, meta_of())
+      checkpoint.save(manager, iteration, state.params, state.buffers, state.opt_state, meta_of())
       if is_main:
-        write_grid({'params': params, 'buffers': buffers}, workdir / f'samples-{iteration:08d}.png')
+        write_grid({'params': state.params, 'buffers': state.buffers}, workdir / f'samples-{iteration:08d}.png')
     stats = TickStats(time.time(), nimg)
 
   manager.wait_until_finished()
   manager.close()
-  final = {'params': jax.device_get(params), 'buffers': jax.device_get(buffers)}
+  final = {'params': jax.device_get(state.params), 'buffers': jax.device_get(state.buffers)}
   return models, final, run.distill
 
 

@@ -57,31 +57,32 @@ def toy_denoise(variables, x, sigma, class_labels=None, augment_labels=None, ste
 
 
 @pytest.mark.parametrize("afs", [True, False])
-def test_sfd_iteration_traces_networks_a_bounded_number_of_times(afs):
-  """Teacher: one trace of the scanned solver step whatever num_steps (the unrolled solver traced
-  it num_teacher - 1 times); the student's intervals stay unrolled (one Adam update each)."""
+def test_sfd_step_traces_networks_a_bounded_number_of_times(afs):
+  """Teacher: one trace of the scanned solver step per num_steps; student: ONE trace of the
+  interval program for every interval of every num_steps (interval times are traced values)."""
   optim = OptimSettings()
   optimizer = sfd.make_optimizer(optim)
-  params = {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}
   teacher_vars = {'params': {'w': jnp.float32(1.1), 'b': jnp.float32(0.1)}}
   latents = 80.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
-  for num_steps in (3, 4, 7):
+  teacher_calls, student_calls = [], []
+  step = sfd.make_step(sfd.Denoisers(counting(toy_denoise, student_calls), counting(toy_denoise, teacher_calls)),
+                       optimizer, debug=True)
+  for k, num_steps in enumerate((3, 4, 7)):
     settings = dataclasses.replace(DistillSettings(num_steps=num_steps), afs=afs)
-    teacher_calls, student_calls = [], []
-    step = jax.jit(lambda p, s, lat: sfd.sfd_iteration(
-        p, s, {}, teacher_vars, lat, None, jax.random.key(1), optim.lr,
-        student_denoise=counting(toy_denoise, student_calls), teacher_denoise=counting(toy_denoise, teacher_calls),
-        optimizer=optimizer, settings=settings, return_debug=True))
-    params_out, _, metrics, debug = step(params, optimizer.init(params), latents)
+    params = {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}
+    state, metrics = step(sfd.TrainState(params, optimizer.init(params), {}), teacher_vars, latents, None,
+                          jax.random.key(1), optim.lr, settings)
+    debug = metrics.pop('debug')
     num_teacher = (settings.M + 1) * (num_steps - 1) + 1
-    assert len(teacher_calls) == 1, (num_steps, len(teacher_calls), num_teacher - 1)
-    assert len(student_calls) == num_steps - 1 - afs, (num_steps, len(student_calls))
+    assert len(teacher_calls) == k + 1, (num_steps, len(teacher_calls))
+    assert len(student_calls) == 1, (num_steps, len(student_calls))
     n = num_steps - 1
-    assert all(metrics[k].shape == (n,) for k in ('loss', 'grad_norm', 'nonfinite'))
+    assert all(metrics[key].shape == (n,) for key in ('loss', 'grad_norm', 'nonfinite', 'redo'))
+    assert set(metrics) == {'loss', 'grad_norm', 'nonfinite', 'redo', 'teacher_redo'}
     assert len(debug['out']) == len(debug['denoised']) == n and len(debug['grads']) == n - afs
     assert (debug['denoised'][0] is None) == afs
     assert debug['trajectory'].shape == (num_teacher, 2, 4, 4, 3)
     assert float(metrics['grad_norm'][0] if not afs else metrics['grad_norm'][1]) > 0
     # Adam moves a parameter by at most about lr per step: n - afs steps were taken.
-    moved = abs(float(params_out['b']))
+    moved = abs(float(state.params['b']))
     assert 0 < moved <= (n - afs) * optim.lr * 1.01, moved

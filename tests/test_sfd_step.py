@@ -81,16 +81,15 @@ def models(fx):
 def debug_run(fx, models):
   """Three iterations through the debug variant, fed the fixture's latents."""
   optimizer = sfd.make_optimizer(OPTIM)
-  step = jax.jit(functools.partial(
-      sfd.sfd_iteration, student_denoise=models.student_denoise, teacher_denoise=models.teacher_denoise,
-      optimizer=optimizer, settings=SETTINGS, return_debug=True))
+  step = sfd.make_step(sfd.Denoisers(models.student_denoise, models.teacher_denoise), optimizer, debug=True)
   params, buffers = sfd.split_variables(models.student_variables)
-  opt_state = optimizer.init(params)
+  state = sfd.TrainState(params, optimizer.init(params), buffers)
   results = []
   for k in (1, 2, 3):
-    params, opt_state, metrics, debug = step(params, opt_state, buffers, models.teacher_variables,
-                                             nhwc(fx[f'latents_iter{k}']), None, jax.random.key(0), OPTIM.lr)
-    results.append(jax.device_get((params, metrics, debug)))
+    state, metrics = step(state, models.teacher_variables, nhwc(fx[f'latents_iter{k}']), None, jax.random.key(0),
+                          OPTIM.lr, SETTINGS)
+    debug = metrics.pop('debug')
+    results.append(jax.device_get((state.params, metrics, debug)))
   return results
 
 
@@ -193,24 +192,29 @@ def counting(denoise, counter):
   return wrapped
 
 
-def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS):
+def init_state(models, mesh, optimizer):
+  """A replicated TrainState on `mesh` (copies: the step donates it)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # may_alias=False: the step donates its state, which must not delete the shared fixture arrays.
+  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated, may_alias=False)
+  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  return sfd.TrainState(params, opt_state, buffers), jax.device_put(models.teacher_variables, replicated)
+
+
+def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS, opts=sfd.StepOptions()):
   """num_iters iterations of train.make_step on `mesh` with a fixed batch of 8."""
   if counter is not None:
     models = models._replace(student_denoise=counting(models.student_denoise, counter))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   optimizer = sfd.make_optimizer(OPTIM)
-  # may_alias=False: the step donates params, which must not delete the shared fixture arrays.
-  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated, may_alias=False)
-  teacher_vars = jax.device_put(models.teacher_variables, replicated)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-  step = train.make_step(models, optimizer, settings, mesh)
+  state, teacher_vars = init_state(models, mesh, optimizer)
+  opts = dataclasses.replace(opts, num_shards=mesh.devices.size)
+  step = train.make_step(models, optimizer, opts, mesh)
   draw = train.make_batch_fn(mesh, (8, 16, 16, 3), 0, SETTINGS.sigma_max)
   for it in range(num_iters):
     k_batch, k_drop, _ = train.iteration_keys(jax.random.key(7), it)
     latents, labels = draw(k_batch)
-    params, opt_state, metrics = step(params, opt_state, buffers, teacher_vars, latents, labels, k_drop,
-                                      np.float32(lrs[it]))
-  return jax.device_get(params), jax.device_get(metrics), latents
+    state, metrics = step(state, teacher_vars, latents, labels, k_drop, np.float32(lrs[it]), settings)
+  return jax.device_get(state.params), jax.device_get(metrics), latents
 
 
 def test_eight_devices_equal_one_and_traced_once(dropout_models):
@@ -229,8 +233,8 @@ def test_eight_devices_equal_one_and_traced_once(dropout_models):
   c1, c8 = [0], [0]
   p1, m1, lat1 = run_steps(dropout_models, one, 2, lrs, c1, small)
   p8, m8, lat8 = run_steps(dropout_models, train.make_mesh(), 2, lrs, c8, small)
-  # One trace = one student network call per interval (2, no AFS).
-  assert c1[0] == c8[0] == 2
+  # One trace of the student-interval program serves both intervals (no AFS).
+  assert c1[0] == c8[0] == 1
   assert len(lat8.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(lat1), np.asarray(lat8))
   np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-6)
@@ -261,44 +265,63 @@ def toy_denoise(variables, x, sigma, class_labels=None, augment_labels=None, ste
   return x * p['w'] / (1 + sigma ** 2) + p['b'] * (1 + 0.01 * sc)
 
 
-def test_sfdv_draws_and_compiles_once_per_num_steps():
-  """SFD-v: num_steps uniform in {4..7}, M = 3, step condition = num_steps, one trace per value."""
+def test_sfdv_draws_and_student_compiles_once():
+  """SFD-v: num_steps uniform in {4..7}, M = 3, step condition = num_steps; the student interval
+  is traced once for all draws (times and step condition are traced), the teacher once per value."""
   settings = dataclasses.replace(SETTINGS, use_step_condition=True)
   base = jax.random.key(0)
   draws = [train.draw_num_steps(settings, train.iteration_keys(base, it)[2]) for it in range(40)]
   assert {d.num_steps for d in draws} == {4, 5, 6, 7} and {d.M for d in draws} == {3}
   assert all(d.use_step_condition for d in draws)
 
-  seen, modes = [], []
+  seen, modes, teacher_traces = [], [], []
   def student(variables, x, sigma, *args, step_condition=None, train=False, dropout_rng=None, **kwargs):
     seen.append(step_condition)
     modes.append((train, dropout_rng is not None))
     return toy_denoise(variables, x, sigma, *args, step_condition=step_condition, **kwargs)
   def teacher(variables, x, sigma, *args, step_condition=None, train=False, **kwargs):
     assert step_condition is None and not train  # the teacher runs in eval mode, unconditioned
+    teacher_traces.append(1)
     return toy_denoise(variables, x, sigma, *args, **kwargs)
   teacher_vars = {'params': {'w': jnp.float32(1.1), 'b': jnp.float32(0.1)}}
   params = {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}
   models = train.Models(teacher, teacher_vars, None, student, {'params': params, 'buffers': {}})
   mesh = train.make_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params, teacher_vars = jax.device_put((params, teacher_vars), replicated)
   optimizer = sfd.make_optimizer(OPTIM)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  state, teacher_vars = init_state(models, mesh, optimizer)
   draw = train.make_batch_fn(mesh, (8, 4, 4, 3), 0, SETTINGS.sigma_max)
-  cache = {}
+  step = train.make_step(models, optimizer, sfd.StepOptions(num_shards=8), mesh)
+  step_conditions = []
   for it, d in enumerate(draws[:5]):  # 6, 6, 5, 4, 4: repeats and three distinct values
-    step = train.cached_step(cache, models, optimizer, d, mesh)
     latents, _ = draw(jax.random.key(it))
-    params, opt_state, metrics = step(params, opt_state, {}, teacher_vars, latents, None, jax.random.key(it),
-                                      np.float32(OPTIM.lr))
+    state, metrics = step(state, teacher_vars, latents, None, jax.random.key(it), np.float32(OPTIM.lr), d)
     assert metrics['loss'].shape == (d.num_steps - 1,)
+    step_conditions.append(d.num_steps)
   used = sorted({d.num_steps for d in draws[:5]})
-  assert sorted(cache) == used and len(used) >= 2
-  # Traced once per distinct num_steps: num_steps - 2 student calls (AFS first step) per trace,
-  # each receiving step_condition = num_steps.
-  assert sorted(seen) == sorted(float(n) for n in used for _ in range(n - 2))
+  assert len(used) >= 2
+  # One student trace (the step condition is a traced value), one teacher trace per num_steps.
+  assert len(seen) == 1 and len(teacher_traces) == len(used)
+  assert seen[0].dtype == jnp.float32 and not isinstance(seen[0], float)
   assert set(modes) == {(True, True)}  # the student trains with dropout active
+
+
+def test_step_condition_reaches_student():
+  """The traced step condition carries each draw's num_steps into the student network."""
+  got = []
+  def student(variables, x, sigma, *args, step_condition=None, **kwargs):
+    jax.debug.callback(lambda v: got.append(float(v)), step_condition)
+    return toy_denoise(variables, x, sigma, step_condition=step_condition)
+  v = {'params': {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}, 'buffers': {}}
+  optimizer = sfd.make_optimizer(OPTIM)
+  step = sfd.make_step(sfd.Denoisers(student, toy_denoise), optimizer)
+  state = sfd.TrainState(dict(v['params']), optimizer.init(v['params']), {})
+  teacher_vars = {'params': {'w': jnp.float32(1.1), 'b': jnp.float32(0.1)}}
+  latents = 80.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  for n in (4, 6):
+    settings = dataclasses.replace(SETTINGS, use_step_condition=True).with_num_steps(n)
+    state, _ = step(state, teacher_vars, latents, None, jax.random.key(1), OPTIM.lr, settings)
+  jax.effects_barrier()
+  assert got == [4.0] * 2 + [6.0] * 4
 
 
 def test_class_labels_one_hot_sharded_and_used():
@@ -316,7 +339,9 @@ def test_class_labels_one_hot_sharded_and_used():
     return toy_denoise(variables, x, sigma)
   v = {'params': {'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}}
   optimizer = sfd.make_optimizer(OPTIM)
-  sfd.sfd_iteration(v['params'], optimizer.init(v['params']), {}, v, latents, labels, jax.random.key(1),
-                    OPTIM.lr, student_denoise=denoise, teacher_denoise=denoise, optimizer=optimizer,
-                    settings=SETTINGS)
-  assert len(got) == 12 + 2 and all(g is labels for g in got)
+  step = sfd.make_step(sfd.Denoisers(denoise, denoise), optimizer, sfd.StepOptions(num_shards=8), mesh=mesh)
+  state = sfd.TrainState({'w': jnp.float32(1.0), 'b': jnp.float32(0.0)}, optimizer.init(v['params']), {})
+  step(state, v, latents, labels, jax.random.key(1), OPTIM.lr, SETTINGS)
+  # Traced: the scanned teacher's step body once, the student-interval program once; both see
+  # the labels (as tracers of the [64, 10] one-hot batch).
+  assert len(got) == 2 and all(g.shape == (64, 10) for g in got)

@@ -117,10 +117,15 @@ def test_teacher_targets_are_the_euler_trajectory_of_the_student(teacher_kind, s
 
 
 def iteration(models, s, settings, params, opt_state, buffers, teacher_variables, latents, loss_params, **kw):
-  return sfd.sfd_iteration(params, opt_state, buffers, teacher_variables, latents, None, jax.random.key(2),
-                           jnp.float32(5e-4), loss_params, student_denoise=models.student_denoise,
-                           teacher_denoise=models.teacher_denoise, optimizer=sfd.make_optimizer(s.run.optim),
-                           settings=settings, return_debug=True, targets_fn=s.targets_fn, **kw)
+  """One debug iteration of `sfd.make_step`: (params, opt_state, metrics, debug)."""
+  step = sfd.make_step(sfd.Denoisers(models.student_denoise, models.teacher_denoise), sfd.make_optimizer(s.run.optim),
+                       targets_fn=s.targets_fn, debug=True, **kw)
+  # A copy: the step donates its state, and the callers reuse theirs.
+  state = jax.tree.map(jnp.copy, sfd.TrainState(params, opt_state, buffers))
+  state, metrics = step(state, teacher_variables, latents, None, jax.random.key(2), jnp.float32(5e-4), settings,
+                        loss_params)
+  debug = metrics.pop('debug')
+  return state.params, state.opt_state, metrics, debug
 
 
 @pytest.mark.slow

@@ -140,6 +140,8 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_
     (['--config.distill.num_steps=4.7'], 'distill.num_steps'),
     (['--config.distill.sampler_tea=rk4'], "distill.sampler_tea='rk4' unknown"),
     (['--config.train.is_second_stage=True'], 'the second stage needs a first-stage SFD workdir'),
+    (['--config.train.precision=fp8'], "train.precision='fp8' unknown"),
+    (['--config.train.batch_per_device=3'], 'batch=4 is not divisible by 2 devices x config.train.batch_per_device=3'),
 ])
 def test_cli_errors_are_one_line(tmp_path, cache_dir, extra, expected):
   """Bad teacher / config: exit 2 with one line on stderr, before anything is compiled."""

@@ -8,11 +8,13 @@ from sfd_jax.networks.config import NetworkConfig
 from sfd_jax.networks.precond import build_precond
 
 
-def build_module(config: NetworkConfig):
-  """The (unbound) Flax preconditioner module for `config`."""
+def build_module(config: NetworkConfig, dtype=None):
+  """The (unbound) Flax preconditioner module for `config`; `dtype` ('bfloat16' or None) is the
+  U-Net's compute dtype for convolutions and attention (parameters stay float32)."""
   pk = config.precond_kwargs_dict
+  model_kwargs = dict(config.model_kwargs_dict, **({"dtype": dtype} if dtype is not None else {}))
   return build_precond(config.precond, config.img_resolution, config.img_channels, config.label_dim,
-                       pk, config.model_kwargs_dict, config.use_step_condition, model_type=config.model_type)
+                       pk, model_kwargs, config.use_step_condition, model_type=config.model_type)
 
 
 def _init_inputs(config: NetworkConfig):
@@ -61,8 +63,8 @@ def _check_x(config: NetworkConfig, x):
                      f"{want[2]}] (NHWC)")
 
 
-def _make_apply(config: NetworkConfig, return_model_output: bool) -> Callable:
-  module = build_module(config)
+def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None) -> Callable:
+  module = build_module(config, dtype)
   needs_rng = config.dropout > 0 or float(config.model_kwargs_dict.get("label_dropout", 0)) > 0
 
   def apply(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None, *,
@@ -82,8 +84,14 @@ def _make_apply(config: NetworkConfig, return_model_output: bool) -> Callable:
   return apply
 
 
-def make_denoise(config: NetworkConfig) -> Callable:
+def make_denoise(config: NetworkConfig, dtype=None) -> Callable:
   """The denoiser D(x; σ) of `config` as a pure, jit-able function.
+
+  Args:
+    config: the network.
+    dtype: None (float32, EDM parity) or 'bfloat16': the U-Net's convolutions and attention
+      products run with bfloat16 operands and float32 results; the embedding MLP (as in EDM's
+      fp16 mode), preconditioning, GroupNorm and the output stay float32; parameters are float32.
 
   Returns:
     `denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None,
@@ -92,7 +100,7 @@ def make_denoise(config: NetworkConfig) -> Callable:
     use JAX's default precision, so on GPU/TPU wrap calls in
     `jax.default_matmul_precision('highest')` for EDM's float32 numbers.
   """
-  return _make_apply(config, return_model_output=False)
+  return _make_apply(config, return_model_output=False, dtype=dtype)
 
 
 def make_raw_model(config: NetworkConfig) -> Callable:

@@ -4,7 +4,7 @@ Same constructor arguments and defaults as EDM's `training/networks.py::Dhariwal
 variables tree carries EDM's state-dict names. With `use_step_condition`, the layers of the
 official SFD code (`map_step_layer0/1`, `affine_step` in every block) are added.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,7 @@ class DhariwalUNet(nn.Module):
   dropout: float = 0.10                      # Dropout probability of intermediate activations.
   label_dropout: float = 0.0                 # Class-label dropout (classifier-free guidance).
   use_step_condition: bool = False           # SFD-v: step-condition layers.
+  dtype: Optional[str] = None                # Compute dtype of convolutions/attention (None: float32).
 
   @property
   def _init(self):
@@ -44,7 +45,7 @@ class DhariwalUNet(nn.Module):
     """The encoder and decoder specs, in EDM's registration order."""
     block = dict(emb_channels=self.model_channels * self.channel_mult_emb, channels_per_head=64,
                  dropout=self.dropout, init=self._init, init_zero=self._init_zero,
-                 use_step_condition=self.use_step_condition)
+                 use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
       return UNetBlock, _kw(**block, **kw)
@@ -56,7 +57,7 @@ class DhariwalUNet(nn.Module):
       if level == 0:
         cin, cout = cout, self.model_channels * mult
         enc.append((f"{res}x{res}_conv", Conv2d, _kw(in_channels=cin, out_channels=cout, kernel=3,
-                                                     **dict(self._init))))
+                                                     dtype=self.dtype, **dict(self._init))))
       else:
         enc.append((f"{res}x{res}_down", *unet_block(in_channels=cout, out_channels=cout, down=True)))
       for idx in range(self.num_blocks):
@@ -97,7 +98,7 @@ class DhariwalUNet(nn.Module):
     self.enc = ModuleDict(enc)
     self.dec = ModuleDict(dec)
     self.out_norm = GroupNorm(num_channels=cout)
-    self.out_conv = Conv2d(cout, self.out_channels, kernel=3, **init_zero)
+    self.out_conv = Conv2d(cout, self.out_channels, kernel=3, dtype=self.dtype, **init_zero)
 
   def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None,
                train: bool = False):

@@ -4,6 +4,9 @@ Parameters keep PyTorch's layout (Linear `[out, in]`, Conv2d `OIHW`) and EDM's n
 converting an EDM state dict is a renaming. Buffers (`resample_filter`, `freqs`) live in the
 `'buffers'` collection. Every layer computes in the dtype of its input (parameters are cast),
 which is float32 for EDM parity and float64 when a caller runs the network under jax x64.
+Convolutions, `Linear` and attention take an optional compute `dtype` ('bfloat16'): their
+operands are cast to it, products accumulate and come out in float32, so activations,
+GroupNorm and everything elementwise stay float32 (mixed precision; parameters stay float32).
 """
 from typing import Optional, Sequence
 
@@ -55,6 +58,36 @@ def silu(x):
   return jax.nn.silu(x)
 
 
+def _operands(x, w, dtype):
+  """(x, w, preferred_element_type) of a product: in x's dtype, or in `dtype` with float32 results."""
+  if dtype is None:
+    return x, w.astype(x.dtype), None
+  return x.astype(dtype), w.astype(dtype), jnp.float32
+
+
+@jax.custom_vjp
+def add_bias(x, b):
+  """x + b over the last axis; its gradient sums b's cotangent one axis at a time (pairwise-like),
+  which keeps float32 bias gradients as accurate as torch's (a single sequential reduction of
+  N·H·W terms loses ~N·H·W/2 ulps)."""
+  return x + b
+
+
+def _add_bias_fwd(x, b):
+  return x + b, None
+
+
+def _add_bias_bwd(_, ct):
+  ct_b = ct
+  while ct_b.ndim > 1:
+    # The barrier stops XLA from merging the partial sums back into one long reduction.
+    ct_b = lax.optimization_barrier(ct_b.sum(axis=ct_b.ndim - 2))
+  return ct, ct_b
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def compute_dtype(dtype):
   """The dtype a network runs in for inputs of `dtype`: float32, or float64 under x64."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -69,12 +102,14 @@ class Linear(nn.Module):
   init_mode: str = "kaiming_normal"
   init_weight: float = 1.0
   init_bias: float = 0.0
+  dtype: Optional[str] = None         # compute dtype of the product (None: x's dtype)
 
   @nn.compact
   def __call__(self, x):
     fans = (self.init_mode, self.in_features, self.out_features)
     w = self.param("weight", _scaled_init(*fans, self.init_weight), (self.out_features, self.in_features))
-    x = x @ w.astype(x.dtype).T
+    xc, w, preferred = _operands(x, w, self.dtype)
+    x = jnp.matmul(xc, w.T, preferred_element_type=preferred)
     if self.bias:
       b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_features,))
       x = x + b.astype(x.dtype)
@@ -92,22 +127,25 @@ def _hwio(w):
   return jnp.transpose(w, (2, 3, 1, 0))
 
 
-def _conv(x, w, padding, stride=1, groups=1):
+def _conv(x, w, padding, stride=1, groups=1, dtype=None):
   """NHWC x OIHW cross-correlation with symmetric zero padding (torch `conv2d`)."""
+  x, w, preferred = _operands(x, w, dtype)
   return lax.conv_general_dilated(
       x, _hwio(w), window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-      dimension_numbers=_NHWC_HWIO, feature_group_count=groups)
+      dimension_numbers=_NHWC_HWIO, feature_group_count=groups, preferred_element_type=preferred)
 
 
-def _conv_transpose_stride2(x, w, padding, groups):
+def _conv_transpose_stride2(x, w, padding, groups, dtype=None):
   """torch `conv_transpose2d(x, w, stride=2, padding=padding, groups=groups)` for OIHW
   depthwise `w` ([C, 1, k, k]): a stride-1 convolution of the 2x-dilated input with the
   spatially flipped kernel."""
   k = w.shape[-1]
   pad = k - 1 - padding
+  x, w, preferred = _operands(x, w, dtype)
   return lax.conv_general_dilated(
       x, _hwio(w[:, :, ::-1, ::-1]), window_strides=(1, 1), padding=[(pad, pad)] * 2,
-      lhs_dilation=(2, 2), dimension_numbers=_NHWC_HWIO, feature_group_count=groups)
+      lhs_dilation=(2, 2), dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
+      preferred_element_type=preferred)
 
 
 class Conv2d(nn.Module):
@@ -127,6 +165,7 @@ class Conv2d(nn.Module):
   init_mode: str = "kaiming_normal"
   init_weight: float = 1.0
   init_bias: float = 0.0
+  dtype: Optional[str] = None         # compute dtype of the convolutions (None: x's dtype)
 
   @nn.compact
   def __call__(self, x):
@@ -136,8 +175,7 @@ class Conv2d(nn.Module):
     fans = (self.init_mode, self.in_channels * k * k, self.out_channels * k * k)
     w = b = f = None
     if k:
-      w = self.param("weight", _scaled_init(*fans, self.init_weight),
-                     (self.out_channels, self.in_channels, k, k)).astype(x.dtype)
+      w = self.param("weight", _scaled_init(*fans, self.init_weight), (self.out_channels, self.in_channels, k, k))
       if self.bias:
         b = self.param("bias", _scaled_init(*fans, self.init_bias), (self.out_channels,)).astype(x.dtype)
     if self.up or self.down:
@@ -147,21 +185,22 @@ class Conv2d(nn.Module):
     w_pad = k // 2 if w is not None else 0
     f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
+    dt = self.dtype
     if self.fused_resample and self.up and w is not None:
-      x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), w_pad + f_pad, self.in_channels)
-      x = _conv(x, w, 0)
+      x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), w_pad + f_pad, self.in_channels, dt)
+      x = _conv(x, w, 0, dtype=dt)
     elif self.fused_resample and self.down and w is not None:
-      x = _conv(x, w, w_pad + f_pad)
-      x = _conv(x, self._tiled(f, self.out_channels), 0, stride=2, groups=self.out_channels)
+      x = _conv(x, w, w_pad + f_pad, dtype=dt)
+      x = _conv(x, self._tiled(f, self.out_channels), 0, stride=2, groups=self.out_channels, dtype=dt)
     else:
       if self.up:
-        x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), f_pad, self.in_channels)
+        x = _conv_transpose_stride2(x, self._tiled(f * 4, self.in_channels), f_pad, self.in_channels, dt)
       if self.down:
-        x = _conv(x, self._tiled(f, self.in_channels), f_pad, stride=2, groups=self.in_channels)
+        x = _conv(x, self._tiled(f, self.in_channels), f_pad, stride=2, groups=self.in_channels, dtype=dt)
       if w is not None:
-        x = _conv(x, w, w_pad)
+        x = _conv(x, w, w_pad, dtype=dt)
     if b is not None:
-      x = x + b
+      x = add_bias(x, b)
     return x
 
   @staticmethod
@@ -191,18 +230,22 @@ class GroupNorm(nn.Module):
     return xg.reshape(n, h, wd, c) * w.astype(x.dtype) + b.astype(x.dtype)
 
 
-def attention_weights(q, k):
+def attention_weights(q, k, dtype=None):
   """softmax_k(q·k / sqrt(C)) in at least float32 (EDM's `AttentionOp`).
 
   Args:
     q, k: [B, L, heads, C].
+    dtype: compute dtype of the product q·k (None: at least float32); the softmax is float32.
 
   Returns:
     [B, heads, Lq, Lk] in q's dtype.
   """
   dt = compute_dtype(q.dtype)
   k = k / float(np.sqrt(k.shape[-1]))
-  logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(dt), k.astype(dt))
+  if dtype is not None:
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(dt), k.astype(dt))
   return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
@@ -231,6 +274,7 @@ class UNetBlock(nn.Module):
   init_zero: tuple = (("init_weight", 0.0),)
   init_attn: Optional[tuple] = None
   use_step_condition: bool = False
+  dtype: Optional[str] = None         # compute dtype of convolutions and attention (None: x's dtype)
 
   @property
   def heads(self) -> int:
@@ -243,24 +287,26 @@ class UNetBlock(nn.Module):
     init_attn = dict(self.init_attn) if self.init_attn is not None else init
     cin, cout = self.in_channels, self.out_channels
     affine_out = cout * (2 if self.adaptive_scale else 1)
+    dt = self.dtype
     self.norm0 = GroupNorm(num_channels=cin, eps=self.eps)
     self.conv0 = Conv2d(cin, cout, kernel=3, up=self.up, down=self.down,
-                        resample_filter=self.resample_filter, **init)
+                        resample_filter=self.resample_filter, dtype=dt, **init)
+    # The embedding path (affine) stays in the input dtype, as EDM's fp16 mode keeps it float32.
     self.affine = Linear(self.emb_channels, affine_out, **init)
     self.norm1 = GroupNorm(num_channels=cout, eps=self.eps)
-    self.conv1 = Conv2d(cout, cout, kernel=3, **init_zero)
+    self.conv1 = Conv2d(cout, cout, kernel=3, dtype=dt, **init_zero)
     if self.use_step_condition:
       self.affine_step = Linear(self.emb_channels, affine_out, **init)
     if cout != cin or self.up or self.down:
       kernel = 1 if self.resample_proj or cout != cin else 0
       self.skip = Conv2d(cin, cout, kernel=kernel, up=self.up, down=self.down,
-                         resample_filter=self.resample_filter, **init)
+                         resample_filter=self.resample_filter, dtype=dt, **init)
     else:
       self.skip = None
     if self.heads:
       self.norm2 = GroupNorm(num_channels=cout, eps=self.eps)
-      self.qkv = Conv2d(cout, cout * 3, kernel=1, **init_attn)
-      self.proj = Conv2d(cout, cout, kernel=1, **init_zero)
+      self.qkv = Conv2d(cout, cout * 3, kernel=1, dtype=dt, **init_attn)
+      self.proj = Conv2d(cout, cout, kernel=1, dtype=dt, **init_zero)
     self.drop = nn.Dropout(rate=self.dropout)
 
   def __call__(self, x, emb, emb_step=None, train: bool = False):
@@ -300,8 +346,13 @@ class UNetBlock(nn.Module):
     # EDM reshapes qkv's channels as (head, channel, {q, k, v}): q, k, v interleave.
     qkv = self.qkv(self.norm2(x)).reshape(n, h * w, heads, c // heads, 3)
     q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-    weights = attention_weights(q, k)
-    a = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(n, h, w, c)
+    weights = attention_weights(q, k, self.dtype)
+    if self.dtype is not None:
+      a = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(self.dtype), v.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    else:
+      a = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+    a = a.reshape(n, h, w, c)
     return (self.proj(a) + x) * float(self.skip_scale)
 
 

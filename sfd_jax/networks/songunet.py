@@ -5,7 +5,7 @@ variables tree carries EDM's state-dict names (`map_layer0`, `enc/16x16_conv`, .
 With `use_step_condition`, the layers of the official SFD code (`map_step`,
 `map_step_layer0/1`, and `affine_step` in every block) are added.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,6 +48,7 @@ class SongUNet(nn.Module):
   decoder_type: str = "standard"            # 'standard' or 'skip'.
   resample_filter: Sequence[int] = (1, 1)   # [1,1] DDPM++, [1,3,3,1] NCSN++.
   use_step_condition: bool = False          # SFD-v: step-condition layers.
+  dtype: Optional[str] = None               # Compute dtype of convolutions/attention (None: float32).
 
   def _check(self):
     for field, value, allowed in (("embedding_type", self.embedding_type, _EMBEDDING_TYPES),
@@ -62,11 +63,12 @@ class SongUNet(nn.Module):
     init_zero = _kw(init_mode="xavier_uniform", init_weight=1e-5)
     init_attn = _kw(init_mode="xavier_uniform", init_weight=float(np.sqrt(0.2)))
     rf = tuple(self.resample_filter)
+    dt = self.dtype
     block = dict(emb_channels=self.model_channels * self.channel_mult_emb, num_heads=1,
                  dropout=self.dropout, skip_scale=float(np.sqrt(0.5)), eps=1e-6,
                  resample_filter=rf, resample_proj=True, adaptive_scale=False,
                  init=init, init_zero=init_zero, init_attn=init_attn,
-                 use_step_condition=self.use_step_condition)
+                 use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
       return UNetBlock, _kw(**block, **kw)
@@ -77,18 +79,19 @@ class SongUNet(nn.Module):
       res = self.img_resolution >> level
       if level == 0:
         cin, cout = cout, self.model_channels
-        enc.append((f"{res}x{res}_conv", Conv2d, _kw(in_channels=cin, out_channels=cout, kernel=3, **dict(init))))
+        enc.append((f"{res}x{res}_conv", Conv2d, _kw(in_channels=cin, out_channels=cout, kernel=3, dtype=dt,
+                                                     **dict(init))))
       else:
         enc.append((f"{res}x{res}_down", *unet_block(in_channels=cout, out_channels=cout, down=True)))
         if self.encoder_type == "skip":
           enc.append((f"{res}x{res}_aux_down", Conv2d, _kw(in_channels=caux, out_channels=caux, kernel=0,
-                                                            down=True, resample_filter=rf)))
+                                                            down=True, resample_filter=rf, dtype=dt)))
           enc.append((f"{res}x{res}_aux_skip", Conv2d, _kw(in_channels=caux, out_channels=cout, kernel=1,
-                                                            **dict(init))))
+                                                            dtype=dt, **dict(init))))
         if self.encoder_type == "residual":
           enc.append((f"{res}x{res}_aux_residual", Conv2d, _kw(
               in_channels=caux, out_channels=cout, kernel=3, down=True, resample_filter=rf,
-              fused_resample=True, **dict(init))))
+              fused_resample=True, dtype=dt, **dict(init))))
           caux = cout
       for idx in range(self.num_blocks):
         cin, cout = cout, self.model_channels * mult
@@ -112,10 +115,10 @@ class SongUNet(nn.Module):
         if self.decoder_type == "skip" and level < len(self.channel_mult) - 1:
           dec.append((f"{res}x{res}_aux_up", Conv2d, _kw(
               in_channels=self.out_channels, out_channels=self.out_channels, kernel=0, up=True,
-              resample_filter=rf)))
+              resample_filter=rf, dtype=dt)))
         dec.append((f"{res}x{res}_aux_norm", GroupNorm, _kw(num_channels=cout, eps=1e-6)))
         dec.append((f"{res}x{res}_aux_conv", Conv2d, _kw(in_channels=cout, out_channels=self.out_channels,
-                                                          kernel=3, **dict(init_zero))))
+                                                          kernel=3, dtype=dt, **dict(init_zero))))
     return tuple(enc), tuple(dec)
 
   def setup(self):
