@@ -37,6 +37,36 @@ def build_models(kwargs):
                       networks.make_denoise(student_config), student_variables), teacher_config
 
 
+def make_runner(models, cfg, batch: int, num_steps: int):
+  """Compiles the training step for `batch`; returns (compile seconds, run), `run(i)` = one iteration.
+
+  `run(i)` updates the state in place and returns the iteration's metrics (not waited for).
+  """
+  settings = DistillSettings(num_steps=num_steps)
+  optim = OptimSettings()
+  optimizer = sfd.make_optimizer(optim)
+  mesh = train.make_mesh()
+  step = train.make_step(models, optimizer, settings, mesh)
+  draw = train.make_batch_fn(mesh, (batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
+                             0, settings.sigma_max)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Placed as the step's outputs are, so the second call does not recompile.
+  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
+  teacher_variables = jax.device_put(models.teacher_variables, replicated)
+  state = [params, jax.jit(optimizer.init, out_shardings=replicated)(params)]
+  key = jax.random.key(0)
+  args_of = lambda i: (*state, buffers, teacher_variables, *draw(jax.random.fold_in(key, i)),
+                       jax.random.fold_in(key, 10_000 + i), np.float32(optim.lr))
+  t0 = time.perf_counter()
+  compiled = step.lower(*args_of(0)).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run(i):
+    state[0], state[1], metrics = compiled(*args_of(i))
+    return metrics
+  return compile_s, run
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--small', action='store_true', help='tiny 16x16 network (CPU smoke run)')
@@ -51,35 +81,15 @@ def main():
     kwargs['model_channels'] = args.model_channels
   models, cfg = build_models(kwargs)
   settings = DistillSettings(num_steps=args.num_steps)
-  optim = OptimSettings()
-  optimizer = sfd.make_optimizer(optim)
-  mesh = train.make_mesh()
-  step = train.make_step(models, optimizer, settings, mesh)
-  draw = train.make_batch_fn(mesh, (args.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
-                             0, settings.sigma_max)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Placed as the step's outputs are, so the second call does not recompile.
-  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
-  teacher_variables = jax.device_put(models.teacher_variables, replicated)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-  key = jax.random.key(0)
-
-  args_of = lambda i, params, opt_state: (params, opt_state, buffers, teacher_variables,
-                                          *draw(jax.random.fold_in(key, i)),
-                                          jax.random.fold_in(key, 10_000 + i), np.float32(optim.lr))
-  t0 = time.perf_counter()
-  compiled = step.lower(*args_of(0, params, opt_state)).compile()
-  compile_s = time.perf_counter() - t0
+  compile_s, run = make_runner(models, cfg, args.batch, args.num_steps)
   print(f'compile: {compile_s:.1f} s', flush=True)
-  one = lambda i, params, opt_state: compiled(*args_of(i, params, opt_state))
 
   t0 = time.perf_counter()
-  params, opt_state, metrics = one(0, params, opt_state)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(run(0))
   first_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for i in range(1, args.iters + 1):
-    params, opt_state, metrics = one(i, params, opt_state)
+    metrics = run(i)
   jax.block_until_ready(metrics)
   per_iter = (time.perf_counter() - t0) / args.iters
   device = jax.devices()[0]
