@@ -26,9 +26,9 @@ import bench_sfd_step as bench  # noqa: E402
 TEACHER_FORWARDS, STUDENT_PASSES = 12, 2
 
 
-def network_convs(batch):
+def network_convs(batch, kwargs):
   """Counter of (lhs shape NHWC, rhs shape HWIO, strides, padding, groups, lhs_dilation) -> count."""
-  models, cfg = bench.build_models(dict(bench.CIFAR10_DDPMPP))
+  models, cfg = bench.build_models(dict(kwargs))
   x = jnp.zeros((batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels))
   jaxpr = jax.make_jaxpr(lambda v, x: models.student_denoise(v, x, jnp.float32(1.0)))(models.student_variables, x)
   found = collections.Counter()
@@ -107,9 +107,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--reps', type=int, default=3, help='timings per op; the best is kept')
+  parser.add_argument('--small', action='store_true', help="bench_sfd_step's tiny 16x16 network (smoke run)")
   args = parser.parse_args()
   import torch
-  convs = network_convs(args.batch)
+  convs = network_convs(args.batch, bench.SMALL if args.small else bench.CIFAR10_DDPMPP)
   print(f'{sum(convs.values())} convolutions per forward pass, {len(convs)} distinct shapes; '
         f'torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}', flush=True)
   totals = collections.defaultdict(float)
