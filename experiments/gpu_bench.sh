@@ -5,8 +5,8 @@
 #
 # Needs jax (CUDA) and torch (CUDA) installed, and a checkout of the official code's sfd-main
 # folder (zju-pi/diff-sampler) reachable on the GPU machine: it is not part of this repository,
-# so carry it there yourself, e.g. as an untracked (or ignored and carried) folder of the work
-# tree such as shared/sfd-main. Writes, under $OUT:
+# so carry it there yourself, e.g. as an untracked folder of the work tree such as
+# shared/sfd-main (never committed). Writes, under $OUT:
 #   official.json / .log           the official iteration alone, their fp16 setting, batch 128
 #   train_fp32_vs_official.json    sfd_jax float32 and the official code, alternating, batch 128:
 #                                  compile time, s/kimg, peak memory, ratio, MFU
