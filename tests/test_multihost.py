@@ -29,7 +29,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8
 TINY = [
-    '--config=configs/demo.py', '--config.train.demo_report=False', f'--config.train.batch={BATCH}',
+    '--config=configs/demo.py', f'--config.train.batch={BATCH}',
     f'--config.train.kimg_per_tick={BATCH / 1000}', '--config.train.checkpoint_ticks=2',
     '--config.train.max_checkpoints=5', '--config.train.grid_size=2', '--config.train.seed=3',
     '--config.train.dropout=0.1', '--config.distill.num_steps=3', '--config.distill.M=1',
@@ -42,11 +42,12 @@ TIMEOUT = 600
 def write_tiny_teacher(directory):
   """The digits teacher's network without attention, random weights."""
   import jax
-  from sfd_jax import networks, teacher
-  digits = pathlib.Path(teacher.__file__).parent / 'assets' / 'digits_teacher' / teacher.NETWORK_JSON
-  config = networks.NetworkConfig.from_dict(json.loads(digits.read_text()))
+  from sfd_jax import networks
+  from sfd_jax.demo.config import TEACHER_DIR
+  from sfd_jax.io import converted
+  config = networks.NetworkConfig.from_dict(json.loads((TEACHER_DIR / converted.NETWORK_JSON).read_text()))
   config = config.replace_model(channel_mult=[1, 1], attn_resolutions=[])  # keeps 2 levels: checkpoint.save needs a non-empty buffers item (resample filters)
-  teacher.save_converted(directory, config, networks.init_variables(config, jax.random.key(0)))
+  converted.save_converted(directory, config, networks.init_variables(config, jax.random.key(0)))
   return directory
 
 
