@@ -6,7 +6,7 @@ step, i.e. 2 network evaluations per image, as `python -m sfd_jax.sample` does (
 over all local devices). Prints compile time and images per second.
 
   python experiments/bench_sample_student.py --batch=1024 --iters=10     # GPU
-  python experiments/bench_sample_student.py --batch=8 --iters=2         # CPU smoke run
+  python experiments/bench_sample_student.py --small --batch=8 --iters=2  # CPU smoke run
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_sfd_step as bench  # noqa: E402
 
-from sfd_jax import schedules, solvers  # noqa: E402
+from sfd_jax import schedules, solvers, train  # noqa: E402
 
 
 def main():
@@ -32,10 +32,11 @@ def main():
   parser.add_argument('--num_steps', type=int, default=4, help='time points; NFE = num_steps - 2 with AFS')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--json', default='', help='also write the results to this JSON file')
+  parser.add_argument('--small', action='store_true', help="bench_sfd_step's tiny 16x16 network (smoke run)")
   args = parser.parse_args()
 
-  models, cfg = bench.build_models(dict(bench.CIFAR10_DDPMPP))
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  models, cfg = bench.build_models(dict(bench.SMALL if args.small else bench.CIFAR10_DDPMPP))
+  mesh = train.make_mesh()  # 1 axis 'data' over all devices (Auto axis type)
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   dtype = jnp.dtype(args.dtype)
   variables = jax.device_put(jax.tree.map(lambda v: v.astype(dtype), models.student_variables), replicated)
