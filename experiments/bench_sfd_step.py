@@ -47,6 +47,39 @@ def peak_memory() -> str:
   return f'peak RSS {rss:.2f} GiB' + (f', peak device memory {device / 2 ** 30:.2f} GiB' if device else '')
 
 
+def make_runner(models, cfg, batch: int, num_steps: int, dtype: str = 'float32', batch_per_device: int = 0,
+                remat: bool = False):
+  """Builds the training step for `batch` and runs its first iteration (which compiles the teacher
+  program, the AFS interval and the student interval); returns (seconds of that first iteration, run).
+
+  `run(i)` runs iteration i, keeps the new state, and returns its metrics (not waited for).
+  """
+  settings = DistillSettings(num_steps=num_steps)
+  optim = OptimSettings()
+  optimizer = sfd.make_optimizer(optim)
+  mesh = train.make_mesh()
+  opts = train.step_options(TrainSettings(batch=batch, precision=dtype, batch_per_device=batch_per_device,
+                                          remat=remat), jax.device_count())
+  step = train.make_step(models, optimizer, opts, mesh)
+  draw = train.make_batch_fn(mesh, (batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
+                             0, settings.sigma_max)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
+  teacher_variables = jax.device_put(models.teacher_variables, replicated)
+  state = [sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)]
+  key = jax.random.key(0)
+
+  def run(i):
+    latents, labels = draw(jax.random.fold_in(key, i))
+    state[0], metrics = step(state[0], teacher_variables, latents, labels, jax.random.fold_in(key, 10_000 + i),
+                             np.float32(optim.lr), settings)
+    return metrics
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(0))
+  return time.perf_counter() - t0, run
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--small', action='store_true', help='tiny 16x16 network (CPU smoke run)')
@@ -64,35 +97,16 @@ def main():
     kwargs['model_channels'] = args.model_channels
   models, cfg = build_models(kwargs)
   settings = DistillSettings(num_steps=args.num_steps)
-  optim = OptimSettings()
-  optimizer = sfd.make_optimizer(optim)
-  mesh = train.make_mesh()
   opts = train.step_options(TrainSettings(batch=args.batch, precision=args.precision,
                                           batch_per_device=args.batch_per_device, remat=args.remat),
                             jax.device_count())
-  step = train.make_step(models, optimizer, opts, mesh)
-  draw = train.make_batch_fn(mesh, (args.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
-                             0, settings.sigma_max)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
-  teacher_variables = jax.device_put(models.teacher_variables, replicated)
-  state = sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)
-  key = jax.random.key(0)
-
-  def one(i, state):
-    latents, labels = draw(jax.random.fold_in(key, i))
-    return step(state, teacher_variables, latents, labels, jax.random.fold_in(key, 10_000 + i),
-                np.float32(optim.lr), settings)
-
   # The first iteration compiles the teacher program, the AFS interval and the student interval.
-  t0 = time.perf_counter()
-  state, metrics = one(0, state)
-  jax.block_until_ready(metrics)
-  first_s = time.perf_counter() - t0
+  first_s, run = make_runner(models, cfg, args.batch, args.num_steps, args.precision, args.batch_per_device,
+                             args.remat)
   print(f'first iteration (compile + run): {first_s:.1f} s', flush=True)
   t0 = time.perf_counter()
   for i in range(1, args.iters + 1):
-    state, metrics = one(i, state)
+    metrics = run(i)
   jax.block_until_ready(metrics)
   per_iter = (time.perf_counter() - t0) / args.iters
   device = jax.devices()[0]

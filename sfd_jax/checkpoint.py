@@ -88,6 +88,21 @@ class Student(NamedTuple):
   sampling: SamplingSettings
 
 
+def _local_targets(metadata) -> dict:
+  """Restore targets on this process's first device for the params and buffers items.
+
+  A checkpoint records the devices that wrote it (e.g. 2 processes x 4 devices); restoring
+  onto those fails elsewhere, so the student is always read onto one local device.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+  out = {}
+  for name in ('params', 'buffers'):
+    tree = getattr(metadata[name], 'tree', None)
+    out[name] = jax.tree.map(target, tree) if tree else None  # None: an empty item, nothing to place
+  return out
+
+
 def load_student(path) -> Student:
   """Loads a distilled student for sampling.
 
@@ -104,9 +119,13 @@ def load_student(path) -> Student:
   """
   from sfd_jax.networks import NetworkConfig  # networks are only needed here, not for saving
   root, step = _resolve(path)
-  manager = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+  handlers = dict(params=ocp.StandardCheckpointHandler(), buffers=ocp.StandardCheckpointHandler(),
+                  meta=ocp.JsonCheckpointHandler())
+  manager = ocp.CheckpointManager(root, item_handlers=handlers, options=ocp.CheckpointManagerOptions(read_only=True))
+  on_host = _local_targets(manager.item_metadata(step))
   out = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(), buffers=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      params=ocp.args.StandardRestore(on_host['params']), buffers=ocp.args.StandardRestore(on_host['buffers']),
+      meta=ocp.args.JsonRestore()))
   manager.close()
   to_np = lambda tree: jax.tree.map(np.asarray, tree)
   meta = out['meta']

@@ -85,7 +85,10 @@ class TrainSettings:
   grid_size: int = 8                  # the sample grid is grid_size x grid_size images
   seed: int = 0                       # everything random derives from jax.random.key(seed)
   dropout: float = -1.0               # student dropout; < 0 keeps the teacher network's rate
-  distributed: bool = False           # multi-host: call jax.distributed.initialize()
+  distributed: bool = False           # multi-process: join JAX's distributed runtime first
+  coordinator_address: str = ''       # 'host:port' of process 0; '' = auto-detect (SLURM, TPU, ...)
+  num_processes: int = -1             # processes in the run; -1 = auto-detect
+  process_id: int = -1                # this process's index; -1 = auto-detect
   compilation_cache: str = ''         # persistent XLA cache dir: a resumed run skips recompiling
   is_second_stage: bool = False       # 1-NFE second stage: config.teacher is a first-stage SFD workdir
   lpips: bool = True                  # second stage: L1 + LPIPS on the last interval (official, EDM teachers)

@@ -17,13 +17,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import checkpoint
 from sfd_jax import images as images_lib
 from sfd_jax import sfd
 from sfd_jax import solvers
-from sfd_jax.config_types import SFDV_NUM_STEPS, DistillSettings, RunConfig
+from sfd_jax.config_types import SFDV_NUM_STEPS, DistillSettings, RunConfig, TrainSettings
 
 DATA_AXIS = 'data'
 METRICS_FILE = 'metrics.jsonl'
@@ -46,6 +47,38 @@ def make_mesh() -> jax.sharding.Mesh:
   batch sharding (Explicit mode would demand shardings on every reshape).
   """
   return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def init_distributed(settings: TrainSettings) -> None:
+  """Joins JAX's multi-process runtime (`config.train.distributed`); must run before any device use.
+
+  Every process runs the same program on its local devices; the mesh spans the devices of all
+  processes. Empty / -1 fields are auto-detected by JAX (SLURM, Open MPI, Cloud TPU, ...). On
+  CPU the processes exchange collectives through gloo.
+  """
+  if not settings.distributed or jax.distributed.is_initialized():
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+      coordinator_address=settings.coordinator_address or None,
+      num_processes=settings.num_processes if settings.num_processes >= 0 else None,
+      process_id=settings.process_id if settings.process_id >= 0 else None)
+
+
+def to_host(tree):
+  """Numpy copy of a tree of arrays, also of global arrays that span other processes.
+
+  `jax.device_get` refuses arrays with shards on another process; a replicated one is read
+  from a local shard, a sharded one is gathered from all processes (a collective: every
+  process must call this together).
+  """
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(get, tree)
 
 
 def check_teacher_path(path: str) -> None:
@@ -179,7 +212,7 @@ def make_grid_writer(models: Models, settings: DistillSettings, grid_size: int, 
     return solvers.sample(denoise, z, t_steps, 'euler', afs=settings.afs)
 
   def write(variables, path):
-    x = jax.device_get(sample(jax.device_get(variables)))
+    x = jax.device_get(sample(to_host(variables)))
     images_lib.save_grid(path, images_lib.to_uint8(x), num_cols=grid_size)
   return write
 
@@ -193,7 +226,7 @@ class TickStats:
 
   def summary(self, nimg: int, lr: float, tick: int) -> dict:
     """Per-interval means for each num_steps seen in the tick."""
-    fetched = jax.device_get(self.metrics)
+    fetched = to_host(self.metrics)
     out = dict(tick=tick, kimg=nimg / 1000, lr=lr,
                sec_per_kimg=(time.time() - self.start_time) / max(nimg - self.start_nimg, 1) * 1000)
     by_len = {}
@@ -240,13 +273,12 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   Args:
     run: the typed config.
     workdir: output directory (checkpoints, metrics.jsonl, sample grids).
-    log: where progress lines go (process 0 only).
+    log: where progress lines go (process 0 only; the metrics file and sample grids too).
 
   Returns:
     (Models, final student variables as host numpy arrays, DistillSettings).
   """
-  if run.train.distributed:
-    jax.distributed.initialize()
+  init_distributed(run.train)
   if run.train.compilation_cache:
     # The full iteration is one large program; caching it makes a resumed run start at once.
     jax.config.update('jax_compilation_cache_dir', run.train.compilation_cache)
@@ -330,7 +362,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
 
   manager.wait_until_finished()
   manager.close()
-  final = {'params': jax.device_get(state.params), 'buffers': jax.device_get(state.buffers)}
+  final = to_host({'params': state.params, 'buffers': state.buffers})
   return models, final, run.distill
 
 
