@@ -82,7 +82,8 @@ def debug_run(fx, models):
   """Three iterations through the debug variant, fed the fixture's latents."""
   optimizer = sfd.make_optimizer(OPTIM)
   step = sfd.make_step(sfd.Denoisers(models.student_denoise, models.teacher_denoise), optimizer, debug=True)
-  params, buffers = sfd.split_variables(models.student_variables)
+  # Copies: the step donates its state, which must not delete the module fixture's arrays.
+  params, buffers = jax.tree.map(lambda a: jnp.array(a, copy=True), sfd.split_variables(models.student_variables))
   state = sfd.TrainState(params, optimizer.init(params), buffers)
   results = []
   for k in (1, 2, 3):
