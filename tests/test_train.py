@@ -104,7 +104,7 @@ def test_uninterrupted_run_artifacts(reference_run):
   assert 'sec/kimg' in result.stdout and 'loss [' in result.stdout
   assert len(list(workdir.glob('samples-*.png'))) == ITERS // 2
   config, params, settings = params_of(workdir)
-  assert settings['num_steps'] == 4 and settings['afs'] and settings['sigma_min'] == 0.006
+  assert settings.num_steps == 4 and settings.afs and settings.sigma_min == 0.006 and settings.solver == 'euler'
   assert config.use_step_condition and config.img_resolution == 16
   assert 'model.map_step_layer0.weight' in params
 
