@@ -14,7 +14,6 @@ classes, which become inert records of their attributes. The archive's `code/` i
 """
 import collections
 import importlib.util
-import io
 import os
 import pathlib
 import pickle
@@ -131,16 +130,7 @@ def read_torchscript_archive(path):
   path = os.fspath(path)
   try:
     with zipfile.ZipFile(path) as archive:
-      prefix = torch_files.archive_prefix(archive)
-
-      def load_storage(key, dtype, numel):
-        data = archive.read(f'{prefix}data/{key}')
-        if len(data) != numel * dtype.itemsize:
-          raise CorruptDataError(f'storage {key} holds {len(data)} bytes, '
-                                              f'expected {numel * dtype.itemsize}')
-        return np.frombuffer(data, dtype).astype(dtype.newbyteorder('='))
-
-      root = _ArchiveUnpickler(io.BytesIO(archive.read(f'{prefix}data.pkl')), load_storage).load()
+      root = torch_files.unpickle_archive(archive, _ArchiveUnpickler)
   except RefusedGlobal as e:
     raise WeightsError(f'{path}: refused global {e} (not part of a TorchScript module\'s data)') from None
   except CorruptDataError as e:

@@ -141,6 +141,26 @@ class StateDictUnpickler(RestrictedUnpickler):
     return self._storages[key]
 
 
+def unpickle_archive(archive: zipfile.ZipFile, unpickler_cls):
+  """Unpickles a torch zip archive's `data.pkl` with `unpickler_cls(file, load_storage)`, whose
+  storages come from the archive's `data/KEY` records (in the archive's byte order).
+
+  Raises:
+    CorruptDataError / RefusedGlobal / the unpickler's errors: for the caller to name the file.
+  """
+  prefix = archive_prefix(archive)
+  little = _byteorder(archive, prefix) == "little"
+
+  def load_storage(key, dtype, numel):
+    dtype = dtype if little else dtype.newbyteorder(">")
+    data = archive.read(f"{prefix}data/{key}")
+    if len(data) != numel * dtype.itemsize:
+      raise CorruptDataError(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
+    return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
+
+  return unpickler_cls(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
+
+
 def archive_prefix(archive: zipfile.ZipFile) -> str:
   pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
@@ -169,17 +189,7 @@ def load_state_dict(path) -> "collections.OrderedDict[str, np.ndarray]":
     raise TorchFormatError(f"{path}: not a torch zip-format .pt file")
   try:
     with zipfile.ZipFile(path) as archive:
-      prefix = archive_prefix(archive)
-      little = _byteorder(archive, prefix) == "little"
-
-      def load_storage(key, dtype, numel):
-        dtype = dtype if little else dtype.newbyteorder(">")
-        data = archive.read(f"{prefix}data/{key}")
-        if len(data) != numel * dtype.itemsize:
-          raise CorruptDataError(f"storage {key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
-        return np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))
-
-      result = StateDictUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage).load()
+      result = unpickle_archive(archive, StateDictUnpickler)
   except RefusedGlobal as e:
     raise TorchFormatError(f"{path}: refused global {e} (not part of a state dict)") from None
   except CorruptDataError as e:
