@@ -22,7 +22,9 @@ the machine and are themselves within 1 ulp of the correctly rounded value. What
   beyond: exp(.) - 1 cancels for sigma below ~1, so a 1-ulp difference in the power (torch's
   vectorised SLEEF powf, used on blocks of 32 points with AVX-512) grows to up to 81 ulps of
   sigma, and torch's CPU sqrt is not correctly rounded. The official float32 values are
-  machine-dependent to that degree themselves (and ~1e5 ulps from the exact schedule).
+  machine-dependent to that degree themselves (and ~1e5 ulps from the exact schedule); in an
+  official GPU run the tau powers are CUDA's (the official `get_schedule` takes them on the
+  training device, the rest on the CPU), so no single official float32 schedule exists here.
 
 float64 computes the closed forms of SPEC section 3 in double precision (no official quirks).
 """

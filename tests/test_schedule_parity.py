@@ -29,7 +29,9 @@ What sfd_jax matches (and what these tests assert):
   more than 1 ulp only from 32 points on, an end point 1 ulp off in 256 cases. Those values
   depend on the machine's vector width and math libraries;
   `test_time_uniform_within_1ulp_of_torch_scalar_path` checks the part that does not (fewer
-  than 16 points, where torch's power is the scalar one).
+  than 16 points, where torch's power is the scalar one). On a GPU the official code takes
+  the tau powers with CUDA's powf (`get_schedule` puts `step_indices` on the training device)
+  and the rest on the CPU: the official float32 time_uniform schedule depends on the device.
 """
 import warnings
 
