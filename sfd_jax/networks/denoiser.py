@@ -63,6 +63,22 @@ def _check_x(config: NetworkConfig, x):
                      f"{want[2]}] (NHWC)")
 
 
+def dropout_key(key):
+  """The key the network's dropout masks are drawn from: an `rbg` key (XLA's RngBitGenerator)
+  derived from `key`, a threefry key or raw key data.
+
+  Why not `key` itself: threefry bits for every dropped activation are inlined hash rounds that
+  XLA has to compile and run for each dropout layer, forward and backward; with RngBitGenerator
+  the student's training program compiles about twice as fast (`experiments/RESULTS.md`). The
+  masks are a deterministic function of `key` and do not depend on how the batch is sharded
+  (tests/test_sfd_step.py checks 1 against 8 devices with dropout active). They cannot match
+  torch's dropout masks in any case.
+  """
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and str(jax.random.key_impl(key)) == "rbg":
+    return key
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+
+
 def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None) -> Callable:
   module = build_module(config, dtype)
   needs_rng = config.dropout > 0 or float(config.model_kwargs_dict.get("label_dropout", 0)) > 0
@@ -75,7 +91,7 @@ def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None) ->
                        "(config.use_step_condition is False)")
     if train and needs_rng and dropout_rng is None:
       raise ValueError("denoise: train=True with dropout needs dropout_rng")
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    rngs = {"dropout": dropout_key(dropout_rng)} if dropout_rng is not None else {}
     out = module.apply({"params": variables["params"], "buffers": variables.get("buffers", {})},
                        x, sigma, class_labels, augment_labels, step_condition, train=train,
                        return_model_output=return_model_output, rngs=rngs)
