@@ -8,8 +8,10 @@ L1 loss. `make_step` compiles two programs: the teacher's (one per num_steps; it
 for every interval and every num_steps, so compile time does not grow with num_steps.
 Nothing here imports Flax.
 """
+import concurrent.futures
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
@@ -424,6 +426,12 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       teachers[settings] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
     return teachers[settings]
 
+  def interval_kinds(settings: DistillSettings):
+    """(afs, last) of each interval: without a hook every interval runs the same program; with
+    one, the last has its own; the AFS interval has its own (no network)."""
+    n = settings.num_steps - 1
+    return [(settings.afs and i == 0, last_interval_loss is not None and i == n - 1) for i in range(n)]
+
   def step(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr, settings: DistillSettings,
            loss_params=None):
     plan = make_plan(settings)
@@ -432,10 +440,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     lr = np.float32(lr)
     x, per_interval, outs = latents, [], []
-    for i in range(settings.num_steps - 1):
-      afs = settings.afs and i == 0
-      # Without a hook every interval runs the same program; with one, the last has its own.
-      last = last_interval_loss is not None and i == settings.num_steps - 2
+    for i, (afs, last) in enumerate(interval_kinds(settings)):
       state, x, m = interval(state, x, targets[i], times[i], class_labels, step_condition, dropout_rng,
                              np.int32(i), lr, loss_params, afs=afs, last=last)
       per_interval.append(m)
@@ -448,7 +453,37 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
                               grads=[m['debug']['grads'] for m in per_interval if m['debug']['grads'] is not None])
     return state, metrics
 
+  def compile_programs(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr,
+                       settings: DistillSettings, loss_params=None, *, workers: int = 2):
+    """Compiles every program `step(...)` runs for these arguments, `workers` at a time (XLA
+    compiles without holding the GIL), so the first step does not compile them one after the
+    other. Nothing runs and nothing is donated.
+
+    Returns:
+      {program name: seconds from the start until its compilation finished}.
+    """
+    lowered = {f'teacher(num_steps={settings.num_steps})':
+               teacher(settings).lower(teacher_variables, latents, class_labels)}
+    targets = jax.eval_shape(teacher(settings), teacher_variables, latents, class_labels)[0]
+    times = interval_times(make_plan(settings))
+    step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
+    for i, (afs, last) in enumerate(interval_kinds(settings)):
+      name = 'interval' + (' (afs)' if afs else '') + (' (last)' if last else '')
+      if name not in lowered:
+        # `latents` stands for every interval's input: same shape, dtype and sharding.
+        target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype, sharding=latents.sharding)
+        lowered[name] = interval.lower(state, latents, target, times[i], class_labels, step_condition,
+                                       dropout_rng, np.int32(i), np.float32(lr), loss_params, afs=afs, last=last)
+    start = time.perf_counter()
+
+    def finish(item):
+      item[1].compile()
+      return item[0], time.perf_counter() - start
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      return dict(pool.map(finish, lowered.items()))
+
   step.programs = StepPrograms(teacher, interval)
+  step.compile = compile_programs
   return step
 
 def split_variables(variables):
