@@ -220,7 +220,8 @@ def test_checkpoint_round_trips_a_student_without_buffers(tmp_path):
   config = networks.NetworkConfig.from_dict(json.loads((TEACHER_DIR / converted.NETWORK_JSON).read_text()))
   config = config.replace_model(channel_mult=[1], attn_resolutions=[], model_channels=8)
   rng = np.random.default_rng(0)  # random values of the right shapes: no network is compiled
-  state_dict = {name: np.float32(rng.standard_normal(shape)) for name, (_, shape) in networks.expected_shapes(config).items()}
+  shapes = networks.expected_shapes(config)
+  state_dict = {name: np.float32(rng.standard_normal(shape)) for name, (_, shape) in shapes.items()}
   variables = networks.state_dict_to_variables(config, state_dict)
   params, buffers = sfd.split_variables(variables)
   assert buffers == {} and jax.tree.leaves(params)
