@@ -31,11 +31,18 @@ def make_manager(workdir, max_to_keep: int = 3, *, read_only: bool = False) -> o
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options)
 
 
+def _non_empty(**trees) -> dict:
+  """The trees that hold arrays. Orbax refuses to save an empty item ('Found empty item.'), e.g.
+  the buffers of a network that resamples nothing; such an item is not written, and restores
+  as its (equally empty) template."""
+  return {name: tree for name, tree in trees.items() if jax.tree.leaves(tree)}
+
+
 def save(manager: ocp.CheckpointManager, step: int, params, buffers, opt_state, meta: dict) -> None:
   """Starts an (asynchronous) save of one training state; call `manager.wait_until_finished()`."""
+  trees = _non_empty(params=params, buffers=buffers, opt_state=opt_state)
   manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), buffers=ocp.args.StandardSave(buffers),
-      opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)))
+      meta=ocp.args.JsonSave(meta), **{name: ocp.args.StandardSave(tree) for name, tree in trees.items()}))
 
 
 def restore_latest(manager: ocp.CheckpointManager, params, buffers, opt_state):
@@ -51,11 +58,13 @@ def restore_latest(manager: ocp.CheckpointManager, params, buffers, opt_state):
   step = manager.latest_step()
   if step is None:
     return None
+  templates = dict(params=params, buffers=buffers, opt_state=opt_state)
+  stored = _non_empty(**templates)
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   out = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract(params)), buffers=ocp.args.StandardRestore(abstract(buffers)),
-      opt_state=ocp.args.StandardRestore(abstract(opt_state)), meta=ocp.args.JsonRestore()))
-  return out['params'], out['buffers'], out['opt_state'], out['meta']
+      meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(abstract(t)) for name, t in stored.items()}))
+  trees = [out[name] if name in stored else template for name, template in templates.items()]
+  return (*trees, out['meta'])
 
 
 def _resolve(path) -> Tuple[pathlib.Path, int]:
@@ -89,18 +98,16 @@ class Student(NamedTuple):
 
 
 def _local_targets(metadata) -> dict:
-  """Restore targets on this process's first device for the params and buffers items.
+  """Restore targets on this process's first device for the params and buffers items stored.
 
   A checkpoint records the devices that wrote it (e.g. 2 processes x 4 devices); restoring
-  onto those fails elsewhere, so the student is always read onto one local device.
+  onto those fails elsewhere, so the student is always read onto one local device. An empty
+  buffers collection is not stored (`save`) and gets no target.
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-  out = {}
-  for name in ('params', 'buffers'):
-    tree = getattr(metadata[name], 'tree', None)
-    out[name] = jax.tree.map(target, tree) if tree else None  # None: an empty item, nothing to place
-  return out
+  trees = {name: getattr(metadata.get(name), 'tree', None) for name in ('params', 'buffers')}
+  return {name: jax.tree.map(target, tree) for name, tree in trees.items() if tree}
 
 
 def load_student(path) -> Student:
@@ -124,11 +131,9 @@ def load_student(path) -> Student:
   manager = ocp.CheckpointManager(root, item_handlers=handlers, options=ocp.CheckpointManagerOptions(read_only=True))
   on_host = _local_targets(manager.item_metadata(step))
   out = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(on_host['params']), buffers=ocp.args.StandardRestore(on_host['buffers']),
-      meta=ocp.args.JsonRestore()))
+      meta=ocp.args.JsonRestore(), **{name: ocp.args.StandardRestore(t) for name, t in on_host.items()}))
   manager.close()
-  to_np = lambda tree: jax.tree.map(np.asarray, tree)
   meta = out['meta']
-  variables = {'params': to_np(out['params']), 'buffers': to_np(out['buffers'] or {})}
+  variables = {name: jax.tree.map(np.asarray, out[name]) if name in on_host else {} for name in ('params', 'buffers')}
   sampling = SamplingSettings.from_dict(meta['settings'], where=f'{root / str(step)}:settings')
   return Student(NetworkConfig.from_dict(meta['network']), variables, sampling)

@@ -137,6 +137,16 @@ def join_batch(x, opts: StepOptions):
   return jnp.swapaxes(x, 0, 1).reshape(k * x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def per_micro_batch(fn: Callable, opts: StepOptions, *batch):
+  """`fn(*batch)` run one micro-batch at a time (`lax.map`; the teacher's share of the memory
+  bound that `batch_per_device` sets). `fn` must treat rows independently and return a tree of
+  `[T, b, ...]` arrays; the result is that tree at the whole batch, `[T, B, ...]`."""
+  if opts.micro_batches == 1:
+    return fn(*batch)
+  out = jax.lax.map(lambda chunk: fn(*chunk), tuple(split_batch(x, opts) for x in batch))
+  return jax.tree.map(jax.vmap(lambda t: join_batch(t, opts), in_axes=1), out)
+
+
 def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denoisers, solve: Callable,
                   plan: Plan, opts: StepOptions, debug: bool = False):
   """Runs the teacher solver (eval mode, no gradients) and returns one target per interval.
@@ -162,10 +172,7 @@ def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denois
       denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, labels, train=False)
       # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
       return solve(denoise, z / jnp.float32(plan.t_steps[0]), t_steps)
-    if opts.micro_batches == 1:
-      return one(latents, class_labels)
-    traj = jax.lax.map(lambda chunk: one(*chunk), (split_batch(latents, opts), split_batch(class_labels, opts)))
-    return jax.vmap(lambda t: join_batch(t, opts), in_axes=1)(traj)  # [num_teacher, B, ...]
+    return per_micro_batch(one, opts, latents, class_labels)  # [num_teacher, B, ...]
 
   redo = jnp.int32(0)
   if opts.precision != 'float32':
@@ -349,9 +356,12 @@ def learning_rate(optim: OptimSettings, cur_nimg: int, batch: int, total_kimg: f
   return optim.lr * (optim.lr_drop_factor if drop else 1.0)
 
 
-def _custom_targets(teacher_variables, latents, class_labels, *, targets_fn, denoisers, plan, settings, debug):
-  """`teacher_stage`'s outputs from a caller's `targets_fn` (float32 teacher, no redo)."""
-  targets, traj = targets_fn(denoisers.teacher, teacher_variables, latents, class_labels, plan, settings)
+def _custom_targets(teacher_variables, latents, class_labels, *, targets_fn, denoisers, plan, settings, opts,
+                    debug):
+  """`teacher_stage`'s outputs from a caller's `targets_fn`: float32 teacher (no redo), one
+  micro-batch at a time like the teacher stage."""
+  one = lambda z, labels: targets_fn(denoisers.teacher, teacher_variables, z, labels, plan, settings)
+  targets, traj = per_micro_batch(one, opts, latents, class_labels)
   targets = jax.lax.stop_gradient(targets)
   return tuple(targets[i] for i in range(targets.shape[0])), (traj if debug else None), jnp.int32(0)
 
@@ -381,10 +391,14 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     data_axis: the mesh axis name of the batch.
     last_interval_loss: optional `fn(loss_params, out, target) -> scalar` added to every
       element of the L1 map of the LAST interval only, i.e. + value · out.size to its loss sum
-      (the second stage: batch-mean LPIPS); `loss_params` is the step's last argument.
+      (the second stage: batch-mean LPIPS); `loss_params` is the step's last argument. It must
+      be a batch mean of per-image values: each micro-batch adds its own mean · its size, which
+      sums to the whole batch's mean · out.size.
     targets_fn: optional `fn(teacher_denoise, teacher_variables, latents, class_labels, plan,
-      settings) -> (targets [num_steps-1, B, ...], trajectory)` replacing the teacher stage
-      (the second stage's Euler teacher); it runs the float32 teacher.
+      settings) -> (targets [num_steps-1, b, ...], trajectory [T, b, ...])` replacing the teacher
+      stage (the second stage's Euler teacher). It gets the float32 teacher in every precision
+      (no bf16 teacher, no redo) and, like the teacher stage, one micro-batch of b rows at a
+      time, so it must treat rows independently.
     debug: metrics also hold 'debug': targets, trajectory, out, denoised and grads per interval.
 
   Returns:
@@ -421,7 +435,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
                              plan=make_plan(settings), opts=opts, debug=debug)
       if targets_fn is not None:
         fn = functools.partial(_custom_targets, targets_fn=targets_fn, denoisers=denoisers,
-                               plan=make_plan(settings), settings=settings, debug=debug)
+                               plan=make_plan(settings), settings=settings, opts=opts, debug=debug)
       n = settings.num_steps - 1
       teachers[settings] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
     return teachers[settings]

@@ -11,6 +11,12 @@ What differs from the first stage (official sfd-main, `is_second_stage=True`):
 - On the last interval only, the loss adds LPIPS (`sfd_jax.lpips`, piq's quirks included):
   Σ|out − target| + out.size · mean_batch LPIPS(out, target).
 
+With the engine's options: `train.precision=bfloat16` applies to the student only; the teacher
+(`make_targets_fn`, handed the float32 network by `sfd.make_step`) and LPIPS stay float32, so
+the targets carry no bf16 error. With `train.batch_per_device` the teacher runs one micro-batch
+at a time, as in the first stage, and each micro-batch adds its own batch-mean LPIPS times its
+size, which sums to the whole batch's term.
+
 Schedule: the official loss object computes the student's 3-point schedule once, from the
 second-stage launch arguments, and only afterwards reads the teacher's schedule type and ρ
 for the teacher's 7-point trajectory. With the published commands both are polynomial ρ=7

@@ -46,7 +46,7 @@ def write_tiny_teacher(directory):
   from sfd_jax.demo.config import TEACHER_DIR
   from sfd_jax.io import converted
   config = networks.NetworkConfig.from_dict(json.loads((TEACHER_DIR / converted.NETWORK_JSON).read_text()))
-  config = config.replace_model(channel_mult=[1, 1], attn_resolutions=[])  # keeps 2 levels: checkpoint.save needs a non-empty buffers item (resample filters)
+  config = config.replace_model(channel_mult=[1, 1], attn_resolutions=[])  # 2 levels: the checkpoints carry buffers too (resample filters)
   converted.save_converted(directory, config, networks.init_variables(config, jax.random.key(0)))
   return directory
 

@@ -1,10 +1,12 @@
 """The second stage: teacher checks, the Euler student teacher, the LPIPS term on the last
 interval only, one iteration against its float64 rerun, and both stages end to end.
 
-Everything runs on the shipped 8x8 digits teacher with batches of 2: LPIPS compares the
-images upsampled to 224x224, which dominates the cost on CPU.
+These run on the shipped 8x8 digits teacher with batches of 2: LPIPS compares the images
+upsampled to 224x224, which dominates the cost on CPU. The engine's options (bf16, micro-batches,
+several devices) are checked at the end on a toy denoiser with narrow LPIPS weights.
 """
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -19,6 +21,7 @@ import pytest
 from sfd_jax.demo import config as demo_config
 from sfd_jax import checkpoint, config_types, lpips, networks, sfd, stage2, train
 from sfd_jax.teacher import load_teacher
+from test_step_options import ACCUM_GRAD_RTOL, BF16_LOSS_RTOL, LOSS_SUM_RTOL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(demo_config.TEACHER_DIR)
@@ -243,3 +246,163 @@ def test_both_stages_end_to_end_and_sample_without_flags(tmp_path):
   assert grid.is_file()
   r = cli('sfd_jax.sample', f'--student={w2}', '--seeds=0-3', f'--grid={grid}', '--num_steps=4')
   assert r.returncode == 2 and 'second-stage 1-NFE model' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's options in the second stage: train.precision=bfloat16, train.batch_per_device
+# (micro-batches) and several devices, each combined with the Euler student teacher
+# (`stage2.make_targets_fn`) and the LPIPS term of the last interval. The networks' own bf16 and
+# accumulation arithmetic is tested on the fixture U-Net by tests/test_step_options.py, whose
+# stated tolerances these tests reuse; what is new here is how the second stage's two hooks
+# meet those options. So the networks are a toy convolutional denoiser (it compiles in a fraction
+# of a second; the gradient of the smallest SongUNet takes ~5 s) and the hook is sfd_jax's own
+# LPIPS term, resize to 224x224 included, with random VGG weights 8 channels wide (same code,
+# ~1/60 of the cost).
+
+# A 7-point Euler teacher and three intervals: 0 AFS, 1 Adam, 2 Adam + LPIPS.
+OPTIONS_SETTINGS = config_types.DistillSettings(num_steps=4, M=1, afs=True, sampler_tea='euler')
+OPTIONS_BATCH = 8
+# One float32 teacher trajectory against another computed on fewer rows: ~16 float32 unit
+# roundoffs (2^-24) of the largest target value, 2.5x the measured 3.9e-7.
+TARGETS_RTOL = 1e-6
+
+
+def conv_denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None, *,
+                 train=False, dropout_rng=None, dtype=jnp.float32):
+  """EDM-preconditioned two-layer convolution: images of a batch never mix. `dtype` is the
+  convolutions' operand precision, with float32 results (as the networks' bfloat16 mode)."""
+  del class_labels, augment_labels, step_condition, train, dropout_rng
+  p = variables['params']
+  conv = lambda h, k: jax.lax.conv_general_dilated(h.astype(dtype), k.astype(dtype), (1, 1), 'SAME',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                                   preferred_element_type=jnp.float32)
+  s2 = sigma ** 2 + 0.25
+  h = jnp.tanh(conv(x / jnp.sqrt(s2), p['k0']) + p['b0'] * jnp.log(sigma) / 4)
+  return 0.25 / s2 * x + 0.5 * sigma / jnp.sqrt(s2) * conv(h, p['k1'])
+
+
+CONV_DENOISERS = sfd.Denoisers(conv_denoise, conv_denoise, functools.partial(conv_denoise, dtype=jnp.bfloat16),
+                               functools.partial(conv_denoise, dtype=jnp.bfloat16))
+
+
+def conv_params(rng, channels=8):
+  # numpy draws: each jax.random.normal shape is one more compilation (~1 s on a loaded CPU).
+  return {'k0': np.float32(rng.standard_normal((3, 3, 3, channels)) / np.sqrt(27.0)),
+          'b0': np.float32(rng.standard_normal(channels)),
+          'k1': np.float32(rng.standard_normal((3, 3, channels, 3)) / np.sqrt(9.0 * channels))}
+
+
+def narrow_lpips_params(rng, width=8):
+  """`lpips.load_params`' structure, every layer `width` channels; positive biases keep the ReLUs
+  (and so the unit-normalised features) away from all-zero vectors."""
+  vgg, cin = {}, 3
+  for name in lpips.CONV_NAMES:
+    vgg[name] = dict(kernel=np.float32(rng.standard_normal((3, 3, cin, width)) * np.sqrt(2.0 / (9 * cin))),
+                     bias=np.full((width,), 0.1, np.float32))
+    cin = width
+  return dict(vgg=vgg, lin={name: np.full((width,), 0.1, np.float32) for name in lpips.FEATURE_LAYERS})
+
+
+@pytest.fixture(scope='module')
+def options_inputs():
+  """(teacher variables, LPIPS params, latents): the second stage starts from its teacher's weights."""
+  rng = np.random.default_rng(6)
+  teacher = {'params': conv_params(rng)}
+  lpips_params = narrow_lpips_params(rng)
+  return teacher, lpips_params, np.float32(80.0 * rng.standard_normal((OPTIONS_BATCH, 8, 8, 3)))
+
+
+def options_step(inputs, train_settings, num_devices, *, targets_fn=None):
+  """A debug second-stage step with `train.step_options(train_settings, num_devices)` on a
+  `num_devices` mesh. Returns `run(lpips_params) -> host (params, metrics, debug)` of one
+  iteration from the teacher's weights (state replicated, batch sharded); runs share programs."""
+  teacher_variables, _, latents = inputs
+  opts = train.step_options(train_settings, num_devices)
+  optimizer = sfd.make_optimizer(config_types.OptimSettings(lr=5e-4))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), (train.DATA_AXIS,))
+  place = lambda tree, *spec: jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  step = sfd.make_step(CONV_DENOISERS, optimizer, opts, mesh=mesh, data_axis=train.DATA_AXIS, debug=True,
+                       targets_fn=targets_fn or stage2.make_targets_fn(True, None),
+                       last_interval_loss=stage2.lpips_last_interval_loss)
+
+  def run(lpips_params):
+    params = teacher_variables['params']
+    state = place(sfd.TrainState(params, optimizer.init(params), {}))  # a fresh copy: the step donates it
+    state, metrics = step(state, teacher_variables, place(latents, train.DATA_AXIS), None, jax.random.key(9),
+                          np.float32(5e-4), OPTIONS_SETTINGS, lpips_params)
+    debug = metrics.pop('debug')
+    return jax.device_get((state.params, metrics, debug))
+  return run
+
+
+@pytest.fixture(scope='module')
+def options_reference(options_inputs):
+  """float32, one device, the whole batch at once."""
+  return options_step(options_inputs, config_types.TrainSettings(batch=OPTIONS_BATCH), 1)(options_inputs[1])
+
+
+def max_rel_diff(tree, ref):
+  """max over tensors of max|a − b| / max|b|."""
+  return max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)))
+
+
+def test_second_stage_accumulation_on_two_devices_equals_full_batch(options_inputs, options_reference):
+  """batch_per_device=2 on 2 devices: 2 micro-batches of 4 rows (2 per device) for the student's
+  gradients, the LPIPS term (a batch mean: Σ over micro-batches of mean · size = the full batch's
+  mean · size) and the Euler teacher, which runs one micro-batch at a time as in the first stage."""
+  seen = []
+
+  def recording_targets_fn(teacher_denoise, teacher_variables, latents, *args):
+    seen.append(latents.shape[0])
+    return stage2.make_targets_fn(True, None)(teacher_denoise, teacher_variables, latents, *args)
+
+  settings = config_types.TrainSettings(batch=OPTIONS_BATCH, batch_per_device=2)
+  _, m, debug = options_step(options_inputs, settings, 2, targets_fn=recording_targets_fn)(options_inputs[1])
+  _, ref, ref_debug = options_reference
+  assert seen == [4]  # the teacher was traced on one micro-batch
+  gaps = dict(loss=float(np.max(np.abs(m['loss'] - ref['loss']) / ref['loss'])),
+              targets=max_rel_diff(debug['targets'], ref_debug['targets']),
+              grads=max(max_rel_diff(g, r) for g, r in zip(debug['grads'], ref_debug['grads'])))
+  print('second stage, 2 devices x 2 micro-batches vs full batch:', gaps)
+  # The first stage's float32 tolerances (tests/test_step_options.py). Measured (CPU, 2026-12-02):
+  # loss 2.1e-6, gradients 7.4e-7 relative; targets 3.9e-7 of their largest value (a few float32
+  # ulps after the 6 Euler steps: the convolutions round differently on 4 rows than on 8). A bf16
+  # teacher would be 2e-3 off: TARGETS_RTOL tells the two apart.
+  assert gaps['loss'] <= LOSS_SUM_RTOL and gaps['grads'] <= ACCUM_GRAD_RTOL
+  assert gaps['targets'] <= TARGETS_RTOL
+  assert np.all(m['nonfinite'] == 0) and len(debug['grads']) == 2
+
+
+def test_second_stage_bfloat16_with_accumulation_on_two_devices(options_inputs, options_reference):
+  """Every option at once: bf16 students, 2 devices x 2 micro-batches. The losses stay within the
+  first stage's bf16 tolerance of float32, the teacher stays float32 (its targets are float32's),
+  parameters stay float32, and LPIPS changes the last interval only: the same programs run with
+  LPIPS weights whose linear layers are zero (an LPIPS term of exactly 0) give the same first
+  two intervals, bit for bit."""
+  settings = config_types.TrainSettings(batch=OPTIONS_BATCH, batch_per_device=2, precision='bfloat16')
+  run = options_step(options_inputs, settings, 2)
+  lpips_params = options_inputs[1]
+  params, m, debug = run(lpips_params)
+  _, ref, ref_debug = options_reference
+  rel = np.abs(m['loss'] - ref['loss']) / ref['loss']
+  print('second stage, bf16 vs float32 relative loss gap per interval:', rel)
+  # Measured (CPU, 2026-12-02): 7.4e-7 (AFS: only the targets' float32 rounding), 1.0e-3, 8.8e-4.
+  np.testing.assert_allclose(m['loss'], ref['loss'], rtol=BF16_LOSS_RTOL)
+  assert np.any(m['loss'] != ref['loss'])  # bf16 really ran
+  assert max_rel_diff(debug['targets'], ref_debug['targets']) <= TARGETS_RTOL  # a float32 teacher
+  assert m['redo'].tolist() == [0, 0, 0] and int(m['teacher_redo']) == 0 and np.all(m['nonfinite'] == 0)
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+  assert all(o.dtype == np.float32 for o in debug['out'])
+  # LPIPS enters the last interval only.
+  _, plain, plain_debug = run(dict(lpips_params, lin=jax.tree.map(np.zeros_like, lpips_params['lin'])))
+  np.testing.assert_array_equal(m['loss'][:2], plain['loss'][:2])
+  jax.tree.map(np.testing.assert_array_equal, debug['grads'][0], plain_debug['grads'][0])
+  for i in range(3):
+    np.testing.assert_array_equal(debug['out'][i], plain_debug['out'][i])
+  out, target = debug['out'][2], debug['targets'][2]
+  term = float(jax.jit(lpips.second_stage_lpips)(lpips_params, out, target))  # eager: 5x slower
+  assert term > 1e-3
+  # The two micro-batches' terms against the whole batch's, seen through a difference of two float32
+  # loss sums ~10x the term (~1e-6 relative rounding). Measured: term 8.8e-3, difference exact.
+  np.testing.assert_allclose(m['loss'][2] - plain['loss'][2], term * out.size / OPTIONS_BATCH, rtol=1e-5)
+  assert max_rel_diff(debug['grads'][1], plain_debug['grads'][1]) > 1e-3

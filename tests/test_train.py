@@ -207,3 +207,34 @@ def test_student_workdir_converts_and_loads_as_teacher(reference_run, tmp_path):
   assert loaded.config.use_step_condition
   x = np.zeros((1, 16, 16, 3), np.float32)
   assert np.all(np.isfinite(np.asarray(loaded.denoise(loaded.params, x, 1.0))))
+
+
+def test_checkpoint_round_trips_a_student_without_buffers(tmp_path):
+  """A single-level U-Net resamples nothing and embeds noise positionally: its variables have an
+  empty 'buffers' collection, which must save and load like any other (exactly)."""
+  import jax
+  from sfd_jax import checkpoint, networks, sfd
+  from sfd_jax.config_types import OptimSettings
+  from sfd_jax.demo.config import TEACHER_DIR
+  from sfd_jax.io import converted
+  config = networks.NetworkConfig.from_dict(json.loads((TEACHER_DIR / converted.NETWORK_JSON).read_text()))
+  config = config.replace_model(channel_mult=[1], attn_resolutions=[], model_channels=8)
+  rng = np.random.default_rng(0)  # random values of the right shapes: no network is compiled
+  shapes = networks.expected_shapes(config)
+  state_dict = {name: np.float32(rng.standard_normal(shape)) for name, (_, shape) in shapes.items()}
+  variables = networks.state_dict_to_variables(config, state_dict)
+  params, buffers = sfd.split_variables(variables)
+  assert buffers == {} and jax.tree.leaves(params)
+  opt_state = sfd.make_optimizer(OptimSettings()).init(params)
+  meta = dict(nimg=8, iteration=2, network=config.to_dict(), settings=dict(num_steps=4, afs=True))
+  manager = checkpoint.make_manager(tmp_path, 1)
+  checkpoint.save(manager, 2, params, buffers, opt_state, meta)
+  manager.wait_until_finished()
+  restored = checkpoint.restore_latest(manager, params, buffers, opt_state)
+  manager.close()
+  for got, want in zip(restored, (params, buffers, opt_state, meta)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+  student = checkpoint.load_student(tmp_path)
+  assert student.config == config and student.variables['buffers'] == {}
+  jax.tree.map(np.testing.assert_array_equal, student.variables['params'], params)
