@@ -1,12 +1,26 @@
-"""Shared test set-up: 8 fake CPU devices and the location of the fixture files."""
+"""Shared test set-up: 8 fake CPU devices, a compilation cache for this run, and the location of
+the fixture files."""
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 # Multi-device code is tested on 8 fake CPU devices; this must happen before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Many tests (and the command-line runs they start as subprocesses) compile the same programs:
+# the digits teacher's trajectory, LPIPS at 224x224, the demo's step. One JAX compilation cache
+# for the whole run lets each be compiled once. It starts empty and is removed at exit, so every
+# run still compiles everything once and nothing is kept between runs. The pytest-xdist workers
+# and every subprocess inherit the directory from the process that created it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="sfd_jax_test_compilation_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EDM_FIXTURES = FIXTURES / "edm"
