@@ -18,12 +18,12 @@ convolution paths, e.g.
 """
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from profile_convs import best_of
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 # (N, H, W, Cin, Cout, k): the student's most frequent / most costly stride-1 shapes at batch 8.
@@ -52,15 +52,6 @@ def dw_slices(x, g, k):
   patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
   dw = lax.dot_general(patches.reshape(-1, k * k * c), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
   return dw.reshape(k, k, c, -1)
-
-
-def best(fn, reps):
-  out = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return min(out)
 
 
 def main():
@@ -106,7 +97,7 @@ def main():
     t = {name: 1e9 for name in fns}
     for _ in range(args.reps):
       for name, fn in fns.items():
-        t[name] = min(t[name], best(fn, 1))
+        t[name] = min(t[name], best_of(fn, 1))
     for name, v in t.items():
       totals[name] = totals.get(name, 0.0) + v
     print(f'{n}x{h}x{w_}x{ci} -> {co} k{k}: ' + ' '.join(f'{name} {v * 1e3:7.2f} ms' for name, v in t.items())
