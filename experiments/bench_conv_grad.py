@@ -11,7 +11,7 @@ one process, alternately, best of --reps:
   dw_sl    the same, with the patches built from k*k shifted slices of the padded input
            (data movement only) and ordered (kh, kw, C) so the product is HWIO at once
   torch    torch's forward and its autograd backward (both gradients), NCHW, for scale
-and checks dw_mm against dw. Run it under different XLA_FLAGS to try XLA:CPU's other
+and checks dw_mm and dw_sl against dw. Run it under different XLA_FLAGS to try XLA:CPU's other
 convolution paths, e.g.
   python experiments/bench_conv_grad.py
   XLA_FLAGS=--xla_cpu_use_xnnpack=true python experiments/bench_conv_grad.py

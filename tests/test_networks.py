@@ -247,7 +247,7 @@ def _torch_conv_reference(x, w, b, f, up, down, fused):
   F = torch.nn.functional
   c_in = x.shape[1]
   w_pad = w.shape[-1] // 2 if w is not None else 0
-  f_pad = (f.shape[-1] - 1) // 2
+  f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
   if fused and up and w is not None:
     x = F.conv_transpose2d(x, (f * 4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=w_pad + f_pad)
     x = F.conv2d(x, w)
@@ -307,8 +307,7 @@ def test_conv2d_gradients_match_torch(kernel, filt, mode):
   to_t = lambda a: torch.from_numpy(np.array(a)).requires_grad_(True)  # noqa: E731
   tx, tw, tb = to_t(x.transpose(0, 3, 1, 2)), to_t(variables["params"]["weight"]), to_t(variables["params"]["bias"])
   f = torch.from_numpy(np.array(variables["buffers"]["resample_filter"])) if up or down else None
-  ref = _torch_conv_reference(tx, tw, tb, f, up, down, fused) if f is not None else (
-      torch.nn.functional.conv2d(tx, tw, padding=kernel // 2) + tb.reshape(1, -1, 1, 1))
+  ref = _torch_conv_reference(tx, tw, tb, f, up, down, fused)
   ref.backward(torch.from_numpy(_nchw(ct).copy()))
   np.testing.assert_allclose(_nchw(y), ref.detach().numpy(), atol=2e-6)
   for ours, ref in ((_nchw(g_x), tx.grad), (g_params["weight"], tw.grad), (g_params["bias"], tb.grad)):
