@@ -13,6 +13,7 @@ import torch
 from conftest import EDM_FIXTURES, EDM_NAMES, SFD_FIXTURES
 from sfd_jax import networks as nets
 from sfd_jax.io.edm_pickle import read_edm_snapshot
+from sfd_jax.networks import denoiser
 from sfd_jax.networks.layers import Conv2d
 from sfd_jax.networks.precond import iddpm_u_table
 
@@ -315,13 +316,17 @@ def test_conv2d_gradients_match_torch(kernel, filt, mode):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=5e-6 * np.abs(ref).max())
 
 
-def test_songunet_skip_variant_and_dropout_only_in_training():
-  """The 'skip' encoder/decoder, which no fixture covers (names follow EDM, output finite),
-  and dropout: active only with train=True, driven by dropout_rng alone."""
+def _skip_songunet():
   init = dict(img_resolution=8, img_channels=2, model_type="SongUNet", model_channels=8, channel_mult=[1, 2],
               num_blocks=1, attn_resolutions=[4], dropout=0.3, label_dim=3, encoder_type="skip",
               decoder_type="skip")
-  cfg = nets.NetworkConfig.from_edm("VEPrecond", init)
+  return nets.NetworkConfig.from_edm("VEPrecond", init)
+
+
+def test_songunet_skip_variant_and_dropout_only_in_training():
+  """The 'skip' encoder/decoder, which no fixture covers (names follow EDM, output finite),
+  and dropout: active only with train=True, driven by dropout_rng alone."""
+  cfg = _skip_songunet()
   names = set(nets.expected_shapes(cfg))
   assert {"model.enc.4x4_aux_down.resample_filter", "model.enc.4x4_aux_skip.weight",
           "model.dec.8x8_aux_up.resample_filter", "model.dec.4x4_aux_conv.weight"} <= names
@@ -347,6 +352,21 @@ def test_songunet_skip_variant_and_dropout_only_in_training():
   assert float(jnp.abs(a - out).max()) > 1e-4 and float(jnp.abs(a - c).max()) > 1e-4
   with pytest.raises(ValueError, match="dropout_rng"):
     denoise(variables, x, sigma, train=True)
+
+
+def test_init_named_equals_those_names_of_init_variables():
+  """Initialising a few layers alone (the step condition's, in `state_dict_to_variables`) gives
+  bit for bit what the whole network's initialiser gives them."""
+  cfg = _skip_songunet()  # the initialiser the test above compiles
+  full = nets.variables_to_state_dict(nets.init_variables(cfg, jax.random.key(0)))
+  names = ["model.enc.4x4_aux_skip.weight", "model.dec.4x4_aux_conv.bias", "model.map_layer1.weight",
+           "model.enc.8x8_block0.conv0.weight", "model.dec.8x8_aux_up.resample_filter"]
+  some = denoiser.init_named(cfg, jax.random.key(0), names)
+  assert set(some) == set(names)
+  for name in names:
+    assert np.array_equal(some[name], full[name]), name
+  other = denoiser.init_named(cfg, jax.random.key(1), names)
+  assert not np.array_equal(other["model.map_layer1.weight"], full["model.map_layer1.weight"])
 
 
 # ------------------------------------------------------------------------------------------

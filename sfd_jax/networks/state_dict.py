@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from sfd_jax.networks.config import NetworkConfig
-from sfd_jax.networks.denoiser import init_variables
+from sfd_jax.networks.denoiser import init_named, init_variables
 
 _STEP_CONDITION_LAYERS = ("map_step", "map_step_layer0", "map_step_layer1", "affine_step")
 
@@ -80,8 +80,7 @@ def state_dict_to_variables(config: NetworkConfig, state_dict, rng=None, *, sour
     if rng is None:
       raise ValueError(f"{source}: step-condition layers are missing (e.g. {missing[0]!r}); "
                        f"pass rng to initialise them")
-    fresh_vars = init_variables(config, rng)
-    fresh = {**_flatten(fresh_vars["params"]), **_flatten(fresh_vars["buffers"])}
+    fresh = init_named(config, rng, missing)
   flat = {"params": {}, "buffers": {}}
   for name, (coll, _) in expected.items():
     value = given[name] if name in given else fresh[name]
