@@ -119,38 +119,57 @@ def test_teacher_targets_are_the_euler_trajectory_of_the_student(teacher_kind, s
     assert np.abs(plain[-1] - expected[-1]).max() > 1e-3
 
 
-def iteration(models, s, settings, params, opt_state, buffers, teacher_variables, latents, loss_params, **kw):
-  """One debug iteration of `sfd.make_step`: (params, opt_state, metrics, debug)."""
+def iteration_step(models, s, **kw):
+  """`run(settings, params, opt_state, buffers, teacher_variables, latents, loss_params)`: one
+  debug iteration of one `sfd.make_step` (its programs compile once) → (params, opt_state,
+  metrics, debug)."""
   step = sfd.make_step(sfd.Denoisers(models.student_denoise, models.teacher_denoise), sfd.make_optimizer(s.run.optim),
                        targets_fn=s.targets_fn, debug=True, **kw)
-  # A copy: the step donates its state, and the callers reuse theirs.
-  state = jax.tree.map(jnp.copy, sfd.TrainState(params, opt_state, buffers))
-  state, metrics = step(state, teacher_variables, latents, None, jax.random.key(2), jnp.float32(5e-4), settings,
-                        loss_params)
-  debug = metrics.pop('debug')
-  return state.params, state.opt_state, metrics, debug
+
+  def run(settings, params, opt_state, buffers, teacher_variables, latents, loss_params):
+    # A copy: the step donates its state, and the callers reuse theirs.
+    state = jax.tree.map(jnp.copy, sfd.TrainState(params, opt_state, buffers))
+    state, metrics = step(state, teacher_variables, latents, None, jax.random.key(2), jnp.float32(5e-4), settings,
+                          loss_params)
+    debug = metrics.pop('debug')
+    return state.params, state.opt_state, metrics, debug
+  return run
+
+
+def iteration(models, s, settings, params, opt_state, buffers, teacher_variables, latents, loss_params, **kw):
+  """One debug iteration of a new `sfd.make_step`: (params, opt_state, metrics, debug)."""
+  return iteration_step(models, s, **kw)(settings, params, opt_state, buffers, teacher_variables, latents, loss_params)
 
 
 @pytest.mark.slow
 def test_lpips_enters_the_last_interval_only(sfd_teacher):
-  """num_steps 4, M 1 (also a 7-point teacher), no AFS: three intervals with Adam steps each."""
+  """num_steps 4, M 1 (also a 7-point teacher), no AFS: three intervals with Adam steps each.
+
+  One step program runs twice: with LPIPS weights, and with the same weights whose linear layers
+  are zero (an LPIPS term of exactly 0). The weights are 8 channels wide (`narrow_lpips_params`):
+  where the term enters does not depend on them. The real VGG16 weights are used by the float64
+  rerun below, the end-to-end run and tests/test_lpips.py."""
   run = stage2_run(sfd_teacher)
   run = dataclasses.replace(run, distill=dataclasses.replace(run.distill, num_steps=4, M=1, afs=False))
   s = stage2.prepare(run)
+  loss_params = narrow_lpips_params(np.random.default_rng(7))
+  assert jax.tree.structure(loss_params) == jax.tree.structure(s.loss_params)
+  zero_term = dict(loss_params, lin=jax.tree.map(np.zeros_like, loss_params['lin']))
   models = train.load_models(s.run)
   params, buffers = sfd.split_variables(models.student_variables)
   opt_state = sfd.make_optimizer(s.run.optim).init(params)
   latents = 80.0 * jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
-  args = (models, s, s.run.distill, params, opt_state, buffers, models.teacher_variables, latents, s.loss_params)
-  _, _, plain, dbg_plain = iteration(*args)
-  _, _, with_lpips, dbg = iteration(*args, last_interval_loss=s.last_interval_loss)
+  step = iteration_step(models, s, last_interval_loss=s.last_interval_loss)
+  args = (s.run.distill, params, opt_state, buffers, models.teacher_variables, latents)
+  _, _, plain, dbg_plain = step(*args, zero_term)
+  _, _, with_lpips, dbg = step(*args, loss_params)
   for i in (0, 1):  # identical: same losses, gradients and outputs
     assert with_lpips['loss'][i] == plain['loss'][i]
     jax.tree.map(np.testing.assert_array_equal, dbg['grads'][i], dbg_plain['grads'][i])
     np.testing.assert_array_equal(dbg['out'][i], dbg_plain['out'][i])
   out, target = dbg['out'][2], dbg['targets'][2]
   np.testing.assert_array_equal(out, dbg_plain['out'][2])
-  term = float(jax.jit(lpips.second_stage_lpips)(s.loss_params, out, target))
+  term = float(jax.jit(lpips.second_stage_lpips)(loss_params, out, target))
   assert term > 1e-3
   np.testing.assert_allclose(with_lpips['loss'][2] - plain['loss'][2], term * out.size / 2, rtol=1e-5)
   differs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), dbg['grads'][2], dbg_plain['grads'][2])
