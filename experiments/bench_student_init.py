@@ -1,6 +1,6 @@
 """Times building the SFD-v student from a CIFAR-10-size teacher's state dict: initialising the
 whole network (what `state_dict_to_variables` did before) against initialising only the missing
-step-condition layers (`networks.denoiser.init_named`, what it does now). Fresh process, no
+step-condition layers (`networks.state_dict.init_named`, what it does now). Fresh process, no
 compilation cache, so both include compiling.
 
   python experiments/bench_student_init.py [--small]
@@ -11,7 +11,7 @@ import time
 import jax
 
 from sfd_jax import networks, train
-from sfd_jax.networks import denoiser
+from sfd_jax.networks.state_dict import init_named
 
 from bench_sfd_step import CIFAR10_DDPMPP, SMALL
 
@@ -25,7 +25,7 @@ def main():
   missing = [n for n in networks.expected_shapes(student_config) if networks.is_step_condition_name(n)]
   jax.block_until_ready(jax.numpy.zeros(1))
   start = time.perf_counter()
-  named = jax.block_until_ready(denoiser.init_named(student_config, jax.random.key(1), missing))
+  named = jax.block_until_ready(init_named(student_config, jax.random.key(1), missing))
   t_named = time.perf_counter() - start
   start = time.perf_counter()
   full = jax.block_until_ready(networks.init_variables(student_config, jax.random.key(1)))

@@ -13,7 +13,7 @@ import torch
 from conftest import EDM_FIXTURES, EDM_NAMES, SFD_FIXTURES
 from sfd_jax import networks as nets
 from sfd_jax.io.edm_pickle import read_edm_snapshot
-from sfd_jax.networks import denoiser
+from sfd_jax.networks.state_dict import init_named
 from sfd_jax.networks.layers import Conv2d
 from sfd_jax.networks.precond import iddpm_u_table
 
@@ -333,7 +333,8 @@ def test_songunet_skip_variant_and_dropout_only_in_training():
   variables = nets.init_variables(cfg, jax.random.key(0))
   # EDM's near-zero output layers would hide dropout: perturb every parameter.
   rng = np.random.default_rng(5)  # numpy: drawing per leaf with jax compiles a sampler per shape (30 s)
-  params = jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.3 * rng.standard_normal(p.shape, np.float32), variables["params"])
+  params = jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.3 * rng.standard_normal(p.shape, np.float32),
+                                  variables["params"])
   variables = {**variables, "params": params}
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
   sigma = jnp.array([0.5, 3.0])
@@ -361,11 +362,11 @@ def test_init_named_equals_those_names_of_init_variables():
   full = nets.variables_to_state_dict(nets.init_variables(cfg, jax.random.key(0)))
   names = ["model.enc.4x4_aux_skip.weight", "model.dec.4x4_aux_conv.bias", "model.map_layer1.weight",
            "model.enc.8x8_block0.conv0.weight", "model.dec.8x8_aux_up.resample_filter"]
-  some = denoiser.init_named(cfg, jax.random.key(0), names)
+  some = init_named(cfg, jax.random.key(0), names)
   assert set(some) == set(names)
   for name in names:
     assert np.array_equal(some[name], full[name]), name
-  other = denoiser.init_named(cfg, jax.random.key(1), names)
+  other = init_named(cfg, jax.random.key(1), names)
   assert not np.array_equal(other["model.map_layer1.weight"], full["model.map_layer1.weight"])
 
 

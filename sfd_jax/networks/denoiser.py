@@ -1,9 +1,8 @@
 """The pure denoiser of a `NetworkConfig`: module construction, initialisation and `make_denoise`."""
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from sfd_jax.networks.config import NetworkConfig
 from sfd_jax.networks.precond import build_precond
@@ -27,8 +26,8 @@ def _init_inputs(config: NetworkConfig):
   return x, jnp.ones([1], jnp.float32), class_labels, augment, step
 
 
-def _initialiser(config: NetworkConfig) -> Callable:
-  """rng → {'params', 'buffers'}: EDM's init modes (not jitted)."""
+def initialiser(config: NetworkConfig) -> Callable:
+  """rng → {'params', 'buffers'}: EDM's init modes, not jitted (`init_variables` jits it)."""
   module = build_module(config)
   x, sigma, class_labels, augment, step = _init_inputs(config)
 
@@ -52,29 +51,7 @@ def init_variables(config: NetworkConfig, rng) -> dict:
   Returns:
     {'params': ..., 'buffers': ...}, nested by EDM state-dict names, float32.
   """
-  return jax.jit(_initialiser(config))(rng)
-
-
-def init_named(config: NetworkConfig, rng, names: Sequence[str]) -> dict:
-  """The variables of `init_variables(config, rng)` with the given EDM state-dict names only.
-
-  Every variable draws from its own stream (Flax derives it from the variable's path), so these
-  are bit-equal to the same names in `init_variables`; XLA drops the rest of the initialiser,
-  which makes initialising a few layers (SFD-v's step condition) compile in a fraction of the
-  time of the whole network.
-
-  Returns:
-    {name: array}.
-  """
-  init = _initialiser(config)
-
-  def named(rng):
-    variables = init(rng)
-    flat = {**traverse_util.flatten_dict(variables["params"], sep="."),
-            **traverse_util.flatten_dict(variables["buffers"], sep=".")}
-    return {name: flat[name] for name in names}
-
-  return jax.jit(named)(rng)
+  return jax.jit(initialiser(config))(rng)
 
 
 def _as_dict(tree):
