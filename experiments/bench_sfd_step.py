@@ -47,15 +47,10 @@ def peak_memory() -> str:
   return f'peak RSS {rss:.2f} GiB' + (f', peak device memory {device / 2 ** 30:.2f} GiB' if device else '')
 
 
-def make_runner(models, cfg, batch: int, num_steps: int, dtype: str = 'float32', batch_per_device: int = 0,
-                remat: bool = False, compile_workers: int = 0):
-  """Builds the training step for `batch` and runs its first iteration (which compiles the teacher
-  program, the AFS interval and the student interval); returns (seconds of that first iteration, run).
-  With `compile_workers` > 0 the programs are compiled first by `step.compile` with that many
-  threads (their finish times are printed), so the first iteration then only runs.
-
-  `run(i)` runs iteration i, keeps the new state, and returns its metrics (not waited for).
-  """
+def make_step(models, cfg, batch: int, num_steps: int, dtype: str = 'float32', batch_per_device: int = 0,
+              remat: bool = False):
+  """The training step for `batch` and what it runs on: (step, state holder [TrainState],
+  teacher variables, draw(key) -> (latents, labels), optim settings, distill settings)."""
   settings = DistillSettings(num_steps=num_steps)
   optim = OptimSettings()
   optimizer = sfd.make_optimizer(optim)
@@ -69,6 +64,31 @@ def make_runner(models, cfg, batch: int, num_steps: int, dtype: str = 'float32',
   params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
   teacher_variables = jax.device_put(models.teacher_variables, replicated)
   state = [sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)]
+  return step, state, teacher_variables, draw, optim, settings
+
+
+def compile_step(step, state, teacher_variables, draw, optim, settings, workers: int = 1) -> dict:
+  """Compiles the step's programs (`step.compile`); returns {program: seconds from the start until
+  its compilation finished} and prints them."""
+  key = jax.random.key(0)
+  latents, labels = draw(key)
+  done = step.compile(state[0], teacher_variables, latents, labels, key, optim.lr, settings, workers=workers)
+  print('compiled (s from start, %d thread(s)): %s' % (workers, ', '.join(
+      f'{name} {seconds:.1f}' for name, seconds in done.items())), flush=True)
+  return done
+
+
+def make_runner(models, cfg, batch: int, num_steps: int, dtype: str = 'float32', batch_per_device: int = 0,
+                remat: bool = False, compile_workers: int = 0):
+  """Builds the training step for `batch` and runs its first iteration (which compiles the teacher
+  program, the AFS interval and the student interval); returns (seconds of that first iteration, run).
+  With `compile_workers` > 0 the programs are compiled first by `step.compile` with that many
+  threads (their finish times are printed), so the first iteration then only runs.
+
+  `run(i)` runs iteration i, keeps the new state, and returns its metrics (not waited for).
+  """
+  step, state, teacher_variables, draw, optim, settings = make_step(models, cfg, batch, num_steps, dtype,
+                                                                    batch_per_device, remat)
   key = jax.random.key(0)
 
   def run(i):
@@ -79,11 +99,7 @@ def make_runner(models, cfg, batch: int, num_steps: int, dtype: str = 'float32',
 
   t0 = time.perf_counter()
   if compile_workers:
-    latents, labels = draw(key)
-    done = step.compile(state[0], teacher_variables, latents, labels, key, optim.lr, settings,
-                        workers=compile_workers)
-    print('compiled (s from start, %d thread(s)): %s' % (compile_workers, ', '.join(
-        f'{name} {seconds:.1f}' for name, seconds in done.items())), flush=True)
+    compile_step(step, state, teacher_variables, draw, optim, settings, compile_workers)
   jax.block_until_ready(run(0))
   return time.perf_counter() - t0, run
 

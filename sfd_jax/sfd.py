@@ -310,27 +310,36 @@ def interval_update(state: TrainState, x_in, target, times, class_labels, step_c
   else:
     result = run(denoisers.student)
   loss_sum, out, denoised, grads = result
-  grads, count = sanitize_grads(grads)
+  grads, count, grad_norm = sanitize_grads(grads)
   # A new state rather than an in-place edit: the caller's pytree must stay untouched.
   opt_state = state.opt_state._replace(
       hyperparams={**state.opt_state.hyperparams, 'learning_rate': jnp.asarray(lr, jnp.float32)})
   updates, opt_state = optimizer.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss_sum / batch, grad_norm=optax.tree.norm(grads), nonfinite=count, redo=redo)
+  metrics = dict(loss=loss_sum / batch, grad_norm=grad_norm, nonfinite=count, redo=redo)
   if debug:
     metrics['debug'] = dict(denoised=denoised, grads=grads)
   return state._replace(params=params, opt_state=opt_state), out, metrics
 
 def sanitize_grads(grads):
-  """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values.
+  """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values and takes the
+  norm of the clean gradient.
+
+  The count and the norm are reduced from one concatenation of all gradient arrays. Reduced per
+  array, they made about four XLA fusions per parameter array (495 arrays in the CIFAR-10
+  student), and the student program compiled about 7 s longer (`experiments/ab_grad_stats.py`).
 
   Returns:
-    (clean grads, number of non-finite values as int32).
+    (clean grads, number of non-finite values as int32, global L2 norm of the clean grads).
   """
+  clean_of = lambda g: jnp.nan_to_num(g, nan=NAN_TO, posinf=INF_TO, neginf=-INF_TO)
   leaves = jax.tree.leaves(grads)
-  count = sum(jnp.sum(~jnp.isfinite(g)).astype(jnp.int32) for g in leaves)
-  clean = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=NAN_TO, posinf=INF_TO, neginf=-INF_TO), grads)
-  return clean, count
+  if not leaves:
+    return grads, jnp.int32(0), jnp.float32(0.0)
+  flat = jnp.concatenate([jnp.ravel(g) for g in leaves])
+  count = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(clean_of(flat))))
+  return jax.tree.map(clean_of, grads), count, norm
 
 
 def make_optimizer(optim: OptimSettings) -> optax.GradientTransformation:

@@ -321,10 +321,12 @@ def test_learning_rate_schedule():
 
 
 def test_nan_inf_sanitised():
-  g = {'a': jnp.array([np.nan, np.inf, -np.inf, 1.0])}
-  clean, count = sfd.sanitize_grads(g)
+  g = {'a': jnp.array([np.nan, np.inf, -np.inf, 1.0]), 'b': {'c': jnp.array([[2.0], [np.nan]])}}
+  clean, count, norm = sfd.sanitize_grads(g)
   np.testing.assert_array_equal(clean['a'], [0.0, 1e5, -1e5, 1.0])
-  assert int(count) == 3
+  np.testing.assert_array_equal(clean['b']['c'], [[2.0], [0.0]])
+  assert int(count) == 4
+  np.testing.assert_allclose(float(norm), np.sqrt(2e10 + 1.0 + 4.0), rtol=1e-7)
 
 
 def toy_denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None, *,
