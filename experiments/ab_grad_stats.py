@@ -1,15 +1,18 @@
 """Compile time of the student program: gradient statistics per array against one concatenation.
 
 `sfd.sanitize_grads` counts the non-finite gradient values and takes the gradient norm (both
-metrics), reduced per parameter array: each array adds about four XLA fusions to the student's
-training program (reductions, which XLA:CPU splits into reduce-window + reduce). The alternative
-tried here reduces both from one concatenation of all gradients (an extra gradient-sized buffer).
+metrics). It reduces both from one concatenation of all gradients (an extra gradient-sized
+buffer); before, it reduced them per parameter array, and each array added about four XLA fusions
+to the student's training program (reductions, which XLA:CPU splits into reduce-window + reduce).
 This script compiles the CIFAR-10-size step (`bench_sfd_step.CIFAR10_DDPMPP`, batch 8) with each
 formulation, in its own process, alternating, and prints when each program finished compiling.
-Parameter updates are bit-equal in both: only the metrics' summation order differs.
+Parameter updates are bit-equal in both: only the metrics' summation order differs. The
+diagnostic variant `sgd` replaces Adam by plain SGD and drops the gradient statistics, to show
+what the optimizer's per-array arithmetic costs the compiler (not a training option).
 
   python experiments/ab_grad_stats.py --rounds=2
   python experiments/ab_grad_stats.py --small --rounds=1 --count_fusions
+  python experiments/ab_grad_stats.py --variants=per_array,sgd --rounds=1
 """
 import argparse
 import glob
@@ -21,25 +24,30 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ('per_array', 'concatenated')
+VARIANTS = ('concatenated', 'per_array', 'sgd')
 
 
-def concatenated_stats(grads):
-  """The alternative: the count and the norm reduced from one concatenation of all gradients."""
+def per_array_stats(grads):
+  """The previous formulation: one count and one squared norm per gradient array."""
   import jax
   import jax.numpy as jnp
+  import optax
   from sfd_jax import sfd
-  clean_of = lambda g: jnp.nan_to_num(g, nan=sfd.NAN_TO, posinf=sfd.INF_TO, neginf=-sfd.INF_TO)
-  flat = jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)])
-  count = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
-  return jax.tree.map(clean_of, grads), count, jnp.sqrt(jnp.sum(jnp.square(clean_of(flat))))
+  count = sum((jnp.sum(~jnp.isfinite(g)).astype(jnp.int32) for g in jax.tree.leaves(grads)), jnp.int32(0))
+  clean = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=sfd.NAN_TO, posinf=sfd.INF_TO, neginf=-sfd.INF_TO), grads)
+  return clean, count, optax.tree.norm(clean)
 
 
 def child(variant: str, small: bool):
   import bench_sfd_step as bench
   from sfd_jax import sfd
-  if variant == 'concatenated':
-    sfd.sanitize_grads = concatenated_stats
+  if variant == 'per_array':
+    sfd.sanitize_grads = per_array_stats
+  if variant == 'sgd':
+    import jax.numpy as jnp
+    import optax
+    sfd.sanitize_grads = lambda grads: (grads, jnp.int32(0), jnp.float32(0.0))
+    sfd.make_optimizer = lambda optim: optax.inject_hyperparams(optax.sgd)(learning_rate=optim.lr)
   models, cfg = bench.build_models(dict(bench.SMALL if small else bench.CIFAR10_DDPMPP))
   done = bench.compile_step(*bench.make_step(models, cfg, batch=8, num_steps=4))
   print('RESULT', json.dumps(done), flush=True)
@@ -69,19 +77,25 @@ def main():
   parser.add_argument('--small', action='store_true', help='tiny 16x16 network (smoke run)')
   parser.add_argument('--count_fusions', action='store_true',
                       help='also dump the optimised student program once per variant (untimed) and count its fusions')
+  parser.add_argument('--variants', default='concatenated,per_array',
+                      help=f'comma-separated, from {", ".join(VARIANTS)}')
   parser.add_argument('--child', choices=VARIANTS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return child(args.child, args.small)
 
+  variants = tuple(args.variants.split(','))
+  unknown = set(variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f'--variants: unknown {", ".join(sorted(unknown))} (choose from {", ".join(VARIANTS)})')
   if args.count_fusions:
-    for variant in VARIANTS:
+    for variant in variants:
       with tempfile.TemporaryDirectory() as dump:
         run_child(variant, args.small, f'--xla_dump_to={dump} --xla_dump_hlo_module_re=jit_interval_fn')
         print(f'{variant:>12}: {fusions_in_entry(dump)} fusions in the student program', flush=True)
-  results = {variant: [] for variant in VARIANTS}
+  results = {variant: [] for variant in variants}
   for r in range(args.rounds):
-    order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+    order = variants if r % 2 == 0 else variants[::-1]
     for variant in order:
       done = run_child(variant, args.small)
       results[variant].append(done)

@@ -323,15 +323,24 @@ def interval_update(state: TrainState, x_in, target, times, class_labels, step_c
 
 def sanitize_grads(grads):
   """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values and takes the
-  norm of the clean gradient (both reduced per parameter array).
+  norm of the clean gradient.
+
+  The count and the norm are reduced from one concatenation of all gradient arrays (a transient
+  buffer of the gradient's size). Reduced per array, they added about four XLA fusions per
+  parameter array (495 arrays in the CIFAR-10 student) and 6.5 s to the 33 s the student program
+  took to compile on a 2-core Intel Xeon (`experiments/ab_grad_stats.py`).
 
   Returns:
     (clean grads, number of non-finite values as int32, global L2 norm of the clean grads).
   """
+  clean_of = lambda g: jnp.nan_to_num(g, nan=NAN_TO, posinf=INF_TO, neginf=-INF_TO)
   leaves = jax.tree.leaves(grads)
-  count = sum((jnp.sum(~jnp.isfinite(g)).astype(jnp.int32) for g in leaves), jnp.int32(0))
-  clean = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=NAN_TO, posinf=INF_TO, neginf=-INF_TO), grads)
-  return clean, count, optax.tree.norm(clean)
+  if not leaves:
+    return grads, jnp.int32(0), jnp.float32(0.0)
+  flat = jnp.concatenate([jnp.ravel(g) for g in leaves])
+  count = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(clean_of(flat))))
+  return jax.tree.map(clean_of, grads), count, norm
 
 
 def make_optimizer(optim: OptimSettings) -> optax.GradientTransformation:
