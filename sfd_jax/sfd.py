@@ -327,8 +327,8 @@ def sanitize_grads(grads):
 
   The count and the norm are reduced from one concatenation of all gradient arrays (a transient
   buffer of the gradient's size). Reduced per array, they added about four XLA fusions per
-  parameter array (495 arrays in the CIFAR-10 student) and 6.5 s to the 33 s the student program
-  took to compile on a 2-core Intel Xeon (`experiments/ab_grad_stats.py`).
+  parameter array (495 arrays in the CIFAR-10 student) and about 7 s to the 34 s the student
+  program took to compile on a 2-core Intel Xeon (`experiments/ab_grad_stats.py`).
 
   Returns:
     (clean grads, number of non-finite values as int32, global L2 norm of the clean grads).
