@@ -36,7 +36,7 @@ def build_models(kwargs):
   student_variables = networks.state_dict_to_variables(
       student_config, networks.variables_to_state_dict(teacher_variables), rng=jax.random.key(1))
   return train.Models(networks.make_denoise(teacher_config), teacher_variables, student_config,
-                      networks.make_denoise(student_config), student_variables), teacher_config
+                      networks.make_denoise(student_config), student_variables, teacher_config), teacher_config
 
 
 def peak_memory() -> str:

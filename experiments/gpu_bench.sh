@@ -22,6 +22,7 @@ BATCH=${BATCH:-128}
 ROUNDS=${ROUNDS:-4}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}  # H200 (and H100 SXM) dense bf16/fp16 tensor-core peak
 T_OFFICIAL=${T_OFFICIAL:-90} T_FP32=${T_FP32:-240} T_BF16=${T_BF16:-150} T_SAMPLE=${T_SAMPLE:-60}
+SAMPLE_BATCH=${SAMPLE_BATCH:-1024} SAMPLE_ITERS=${SAMPLE_ITERS:-20}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 # torch and jax share the GPU (one works while the other waits): no preallocation by jax.
@@ -29,7 +30,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+  python -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'without CUDA')"
   date -u; } > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
@@ -48,7 +49,7 @@ stage train_fp32_vs_official "$T_FP32" python experiments/bench_vs_official.py "
     --json="$OUT/train_fp32_vs_official.json"
 stage train_bf16 "$T_BF16" python experiments/bench_vs_official.py "${COMMON[@]}" --only=sfd_jax \
     --jax_dtype=bfloat16 --json="$OUT/train_bf16.json"
-stage sample_nfe2 "$T_SAMPLE" python experiments/bench_sample_student.py --batch=1024 --iters=20 \
+stage sample_nfe2 "$T_SAMPLE" python experiments/bench_sample_student.py --batch="$SAMPLE_BATCH" --iters="$SAMPLE_ITERS" \
     --json="$OUT/sample_nfe2.json"
 
 python - "$OUT" <<'EOF'
@@ -68,11 +69,14 @@ for name in ('official.json', 'train_fp32_vs_official.json', 'train_bf16.json'):
 lines = ['# GPU benchmark', '', (out / 'versions.txt').read_text(), ''] + rows
 pair = load('train_fp32_vs_official.json')
 if pair and 'speed_ratio' in pair:
-  lines.append(f"\nsfd_jax fp32 / official fp16 speed (alternating, same run): {pair['speed_ratio']:.2f}x (goal >= 2x)")
+  o, j = pair['impls']['official'], pair['impls']['sfd_jax']
+  lines.append(f"\nsfd_jax {j['dtype']} / official {o['dtype']} speed (alternating, same run): "
+               f"{pair['speed_ratio']:.2f}x (goal >= 2x)")
 bf16 = load('train_bf16.json')
 if bf16 and official:
   r = bf16['impls']['sfd_jax']
-  lines.append(f"sfd_jax bf16 / official fp16 speed: {official['s_per_kimg'] / r['s_per_kimg']:.2f}x (goal >= 2x)")
+  lines.append(f"sfd_jax {r['dtype']} / official {official['dtype']} speed (separate runs): "
+               f"{official['s_per_kimg'] / r['s_per_kimg']:.2f}x (goal >= 2x)")
 s = load('sample_nfe2.json')
 if s:
   lines.append(f"\nstudent sampling NFE {s['nfe']}, batch {s['batch']}: compile {s['compile_s']:.1f} s, "

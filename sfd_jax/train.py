@@ -140,6 +140,9 @@ def make_denoisers(models: Models, precision: str) -> sfd.Denoisers:
   """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them."""
   if precision == 'float32':
     return sfd.Denoisers(models.student_denoise, models.teacher_denoise)
+  if models.student_config is None or models.teacher_config is None:
+    raise ValueError(f'config.train.precision={precision!r} needs the network configs to build the '
+                     f'{precision} denoisers: Models.student_config and Models.teacher_config must be set')
   from sfd_jax import networks  # Flax lives behind this module
   dtype = sfd.PRECISIONS[precision]
   return sfd.Denoisers(models.student_denoise, models.teacher_denoise,

@@ -111,6 +111,11 @@ def test_low_precision_needs_its_networks():
   with pytest.raises(ValueError, match="precision='bfloat16' needs the low-precision denoisers"):
     sfd.make_step(sfd.Denoisers(toy_denoise, toy_denoise), sfd.make_optimizer(OPTIM),
                   sfd.StepOptions(precision='bfloat16'))
+  # Built from train.Models without the teacher's network config (which the bf16 teacher needs).
+  models = train.Models(toy_denoise, {}, None, toy_denoise, {})
+  with pytest.raises(ValueError, match="precision='bfloat16' needs the network configs"):
+    train.make_denoisers(models, 'bfloat16')
+  assert train.make_denoisers(models, 'float32') == sfd.Denoisers(toy_denoise, toy_denoise)
 
 
 @pytest.mark.parametrize('batch, devices, per, expected', [
