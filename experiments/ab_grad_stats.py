@@ -8,7 +8,10 @@ This script compiles the CIFAR-10-size step (`bench_sfd_step.CIFAR10_DDPMPP`, ba
 formulation, in its own process, alternating, and prints when each program finished compiling.
 Parameter updates are bit-equal in both: only the metrics' summation order differs. The
 diagnostic variant `sgd` replaces Adam by plain SGD and drops the gradient statistics, to show
-what the optimizer's per-array arithmetic costs the compiler (not a training option).
+what the optimizer's per-array arithmetic costs the compiler (not a training option); `flat_adam`
+runs Adam on one flattened vector (`optax.flatten`), a formulation that was tried and not kept.
+XLA's compile phases and kernel counts: set `TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1`
+(the children's stderr is passed through).
 
   python experiments/ab_grad_stats.py --rounds=2
   python experiments/ab_grad_stats.py --small --rounds=1 --count_fusions
@@ -24,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ('concatenated', 'per_array', 'sgd')
+VARIANTS = ('concatenated', 'per_array', 'sgd', 'flat_adam')
 
 
 def per_array_stats(grads):
@@ -48,6 +51,11 @@ def child(variant: str, small: bool):
     import optax
     sfd.sanitize_grads = lambda grads: (grads, jnp.int32(0), jnp.float32(0.0))
     sfd.make_optimizer = lambda optim: optax.inject_hyperparams(optax.sgd)(learning_rate=optim.lr)
+  if variant == 'flat_adam':
+    import optax
+    flat_adam = lambda learning_rate, b1, b2, eps: optax.flatten(optax.adam(learning_rate, b1, b2, eps))
+    sfd.make_optimizer = lambda optim: optax.inject_hyperparams(flat_adam)(
+        learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   models, cfg = bench.build_models(dict(bench.SMALL if small else bench.CIFAR10_DDPMPP))
   done = bench.compile_step(*bench.make_step(models, cfg, batch=8, num_steps=4))
   print('RESULT', json.dumps(done), flush=True)
@@ -65,7 +73,8 @@ def fusions_in_entry(dump_dir: str) -> int:
 def run_child(variant: str, small: bool, xla_flags: str = '') -> dict:
   env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags).strip())
   cmd = [sys.executable, __file__, '--child', variant] + (['--small'] if small else [])
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+  # The child's stderr goes to ours: its errors, and XLA's logs when asked for (TF_CPP_VMODULE).
+  out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True,
                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout
   line = [l for l in out.splitlines() if l.startswith('RESULT')][-1]
   return json.loads(line[len('RESULT'):])
