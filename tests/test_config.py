@@ -70,3 +70,51 @@ def test_sampling_settings_round_trip_and_reject_unknown_keys():
   assert config_types.SamplingSettings.from_dict(s.to_dict()) == s
   with pytest.raises(ValueError, match=r'^unknown sampling settings key settings.rho \(did you mean settings.'):
     config_types.SamplingSettings.from_dict(dict(s.to_dict(), rho=7.0))
+
+
+# Loads every config file by path, as `--config=PATH` does (ml_collections executes the file), in a
+# fresh interpreter whose working directory and sys.path hold no `configs` package: a config that
+# imports a sibling (`from configs import ...`) fails here as it fails for a user who runs from
+# their own folder.
+LOAD_BY_PATH = r'''
+import importlib.util, json, sys
+from sfd_jax import config_types
+runs = {}
+for path in sys.argv[1:]:
+  spec = importlib.util.spec_from_file_location('user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  runs[path] = config_types.from_config_dict(module.get_config()).train.is_second_stage
+print(json.dumps(runs))
+'''
+
+
+def test_every_config_loads_from_any_working_directory(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  paths = [str(p.resolve()) for p in sorted(CONFIGS.glob('*.py')) if p.stem not in ('__init__', 'demo_teacher')]
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-c', LOAD_BY_PATH, *paths], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  second_stage = json.loads(result.stdout)
+  assert sorted(second_stage) == sorted(paths)
+  assert {pathlib.Path(p).stem for p, v in second_stage.items() if v} == {
+      'cifar10_stage2', 'imagenet64_stage2', 'demo_stage2'}
+  # The CLI from another folder reaches the teacher check (exit 2, one line), not an import error.
+  cli = subprocess.run([sys.executable, '-m', 'sfd_jax.main', f'--config={CONFIGS.resolve() / "cifar10_sfdv.py"}',
+                        '--config.teacher=/nonexistent/teacher.pkl', f'--workdir={tmp_path / "w"}'],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert cli.returncode == 2 and 'config.teacher=/nonexistent/teacher.pkl: no such file' in cli.stderr, cli.stderr[-2000:]
+
+
+def test_second_stage_configs_keep_the_official_values():
+  for name, kimg in (('cifar10_stage2', 2000.0), ('imagenet64_stage2', 2000.0)):
+    run = config_types.from_config_dict(importlib.import_module(f'configs.{name}').get_config())
+    d, o, t = run.distill, run.optim, run.train
+    assert (d.num_steps, d.M, d.sampler_tea, d.afs, o.lr, t.total_kimg, t.is_second_stage, t.lpips) == (
+        3, 2, 'euler', True, 5e-4, kimg, True, True)
+  sfdv = config_types.from_config_dict(importlib.import_module('configs.cifar10_sfdv').get_config())
+  assert sfdv.distill.use_step_condition and sfdv.train.total_kimg == 800.0 and sfdv.train.dropout == 0.13
