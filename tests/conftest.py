@@ -1,16 +1,24 @@
 """Shared test set-up: 8 fake CPU devices, a compilation cache for this run, and the location of
 the fixture files."""
 import atexit
+import importlib
 import os
 import pathlib
 import shutil
 import tempfile
+import types
 
 import numpy as np
 import pytest
 
 # Multi-device code is tested on 8 fake CPU devices; this must happen before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A device count already in XLA_FLAGS is kept (e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=4
+# pytest tests/test_sfd_step.py`, experiments/perturb_reduction_order.sh), and so are other flags.
+# The collective timeouts keep XLA from aborting the run when 8 device threads share 2 busy cores
+# (sfd_jax/cpu_devices.py); subprocesses inherit them.
+from sfd_jax import cpu_devices  # noqa: E402  (imports no jax)
+
+cpu_devices.use_fake_cpu_devices(8)
 
 # Many tests (and the command-line runs they start as subprocesses) compile the same programs:
 # the digits teacher's trajectory, LPIPS at 224x224, the demo's step. One JAX compilation cache
@@ -41,6 +49,20 @@ def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
 
+
+class _ImportedOnUse(types.ModuleType):
+  """A module that is imported when one of its attributes is first used."""
+
+  def __getattr__(self, attr):
+    return getattr(importlib.import_module(self.__name__), attr)
+
+
+# PyTorch serves only as a reference in these tests. Test files take it from here
+# (`from conftest import torch`) so that they collect where torch is not installed (the Python
+# 3.12 CI leg), and the tests that use it are marked `torch_reference`: that leg deselects them
+# by name (`-m "not torch_reference"`), and an unmarked test that reaches torch fails there with
+# ModuleNotFoundError instead of being skipped.
+torch = _ImportedOnUse("torch")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EDM_FIXTURES = FIXTURES / "edm"

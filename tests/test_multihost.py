@@ -26,6 +26,8 @@ import time
 import numpy as np
 import pytest
 
+from sfd_jax import cpu_devices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8
 TINY = [
@@ -59,9 +61,10 @@ def free_port() -> int:
 
 def launch(workdir, teacher, cache_dir, iters: int, num_processes: int, devices_each: int):
   """Runs the CLI in `num_processes` processes; returns their (returncode, stdout, stderr)."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_each}',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  flags = cpu_devices.xla_flags(os.environ.get('XLA_FLAGS', ''), num_devices=devices_each)
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   base = [sys.executable, '-m', 'sfd_jax.main', f'--workdir={workdir}', *TINY, f'--config.teacher={teacher}',
           f'--config.train.total_kimg={iters * BATCH / 1000}']
   if num_processes > 1:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sfd_jax.demo import config as demo_config
-from sfd_jax import checkpoint, config_types, lpips, networks, sfd, stage2, train
+from sfd_jax import checkpoint, config_types, cpu_devices, lpips, networks, sfd, stage2, train
 from sfd_jax.teacher import load_teacher
 from test_step_options import ACCUM_GRAD_RTOL, BF16_LOSS_RTOL, LOSS_SUM_RTOL
 
@@ -231,7 +231,8 @@ def test_iteration_equals_its_float64_rerun(sfd_teacher):
 
 def cli_env():
   e = dict(os.environ)
-  e.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  e.update(XLA_FLAGS=cpu_devices.xla_flags(os.environ.get('XLA_FLAGS', ''), num_devices=2), JAX_PLATFORMS='cpu',
+           PYTHONPATH=str(ROOT))
   return e
 
 

@@ -1,0 +1,64 @@
+"""Several CPU devices in one process (`--xla_force_host_platform_device_count`) that survive a busy machine.
+
+XLA:CPU runs each fake device's share of a collective (the data-parallel step's gradient
+all-reduce) on a thread of its own and waits at a rendezvous for all of them. When one thread
+has not arrived after `xla_cpu_collective_call_terminate_timeout_seconds` (40 s by default),
+XLA aborts the whole process (`rendezvous.cc: Termination timeout ... Expected 8 threads to join
+the rendezvous, but only 5 of them arrived on time`, then SIGABRT). Eight device threads on two
+busy cores can miss that deadline without anything being wrong. `xla_flags` adds generous
+timeouts to `XLA_FLAGS` wherever fake devices are asked for; XLA reads the variable when JAX
+first initialises its backend, so it must be set before any array is created.
+"""
+import os
+from typing import Optional
+
+DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# An all-reduce whose threads have not all arrived after this long is given up (process aborted).
+TERMINATE_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
+# ... and after this long XLA logs that a thread "may be stuck".
+WARN_STUCK_FLAG = '--xla_cpu_collective_call_warn_stuck_timeout_seconds'
+TERMINATE_TIMEOUT_S = 3600   # XLA's default is 40 s
+WARN_STUCK_TIMEOUT_S = 600   # XLA's default is 20 s
+
+
+def _names(flags: str) -> set:
+  return {f.split('=', 1)[0] for f in flags.split()}
+
+
+def xla_flags(flags: str = '', num_devices: Optional[int] = None, *,
+              terminate_timeout_s: int = TERMINATE_TIMEOUT_S, warn_stuck_timeout_s: int = WARN_STUCK_TIMEOUT_S) -> str:
+  """`flags` (an XLA_FLAGS string) with `num_devices` fake CPU devices and the collective timeouts.
+
+  Every other flag of `flags` is kept, and so are timeouts given there.
+
+  Args:
+    flags: the XLA_FLAGS to extend.
+    num_devices: fake CPU devices to ask for (replaces a device count in `flags`); None keeps
+      whatever `flags` says.
+    terminate_timeout_s, warn_stuck_timeout_s: the collective timeouts, in seconds.
+
+  Returns:
+    The new XLA_FLAGS string.
+  """
+  parts = flags.split()
+  if num_devices is not None:
+    parts = [f for f in parts if f.split('=', 1)[0] != DEVICE_COUNT_FLAG] + [f'{DEVICE_COUNT_FLAG}={int(num_devices)}']
+  have = _names(' '.join(parts))
+  for name, seconds in ((TERMINATE_FLAG, terminate_timeout_s), (WARN_STUCK_FLAG, warn_stuck_timeout_s)):
+    if name not in have:
+      parts.append(f'{name}={int(seconds)}')
+  return ' '.join(parts)
+
+
+def use_fake_cpu_devices(num_devices: int) -> None:
+  """Asks for `num_devices` CPU devices, with the collective timeouts, in this process (call it
+  before JAX creates its first array; an explicit device count already in XLA_FLAGS is kept)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = xla_flags(flags, None if DEVICE_COUNT_FLAG in _names(flags) else num_devices)
+
+
+def raise_collective_timeouts() -> None:
+  """Adds the collective timeouts to XLA_FLAGS if it asks for fake CPU devices (run at import)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if DEVICE_COUNT_FLAG in _names(flags):
+    os.environ['XLA_FLAGS'] = xla_flags(flags)
