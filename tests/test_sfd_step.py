@@ -271,11 +271,11 @@ def init_state(models, mesh, optimizer):
   return sfd.TrainState(params, opt_state, buffers), jax.device_put(models.teacher_variables, replicated)
 
 
-def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS, opts=sfd.StepOptions()):
+def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS, opts=sfd.StepOptions(), optim=OPTIM):
   """num_iters iterations of train.make_step on `mesh` with a fixed batch of 8."""
   if counter is not None:
     models = models._replace(student_denoise=counting(models.student_denoise, counter))
-  optimizer = sfd.make_optimizer(OPTIM)
+  optimizer = sfd.make_optimizer(optim)
   state, teacher_vars = init_state(models, mesh, optimizer)
   opts = dataclasses.replace(opts, num_shards=mesh.devices.size)
   step = train.make_step(models, optimizer, opts, mesh)
@@ -287,31 +287,50 @@ def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS, opt
   return jax.device_get(state.params), jax.device_get(metrics), latents
 
 
+# The 1-vs-many-device comparison runs Adam with eps = 1. With the official eps (1e-8) Adam's
+# first steps move every parameter by about lr·sign(g): an element whose gradient is rounding
+# noise gets its sign from the reduction order (1 device vs 8, one CPU's kernels vs another's) and
+# differs by 2·lr between the runs (seen on an AMD EPYC: 9.2e-6 > the 1.1e-6 tolerance, while an
+# Intel Xeon passed). With eps = 1 and gradients well below 1 the update, lr·m/(sqrt(v) + 1), is
+# Lipschitz in the gradient (constant about lr), so the parameters differ only by what the
+# gradients differ: the comparison sees sharding errors, not rounding signs
+# (tests/test_multihost.py does the same). The lr is 1e-3 so that the parameters move far more
+# than the tolerance (checked below).
+LIPSCHITZ_OPTIM = dataclasses.replace(OPTIM, lr=1e-3, eps=1.0)
+
+
 def test_eight_devices_equal_one_and_traced_once(dropout_models):
   """Data-parallel step == single-device step for the same global batch (dropout active),
   and two iterations with different learning rates trace the step only once.
 
-  Tolerance: the fixture's fp32-vs-fp64 parameter gap after one iteration (1.1e-6, key biases
-  excluded): sharding may only change float32 reduction order. Measured: 2.4e-7.
+  Runs on every device there is (8 in the test session; also 2 or 4 when XLA_FLAGS asks for
+  them, experiments/perturb_reduction_order.sh). Tolerances: losses and gradient norms 2x the
+  official code's float32 relative gaps (loss sums, gradients; fixture README); parameters the
+  fixture's fp32-vs-fp64 parameter gap after one iteration (1.1e-6, key biases excluded), since
+  sharding may only change float32 reduction order. Measured: 2.4e-7 (official eps).
   A shorter iteration (3 time points, M = 1, no AFS: 4 teacher calls, 2 Adam steps) keeps
   the two compilations cheap; config A's iteration is covered by the parity tests.
   """
   small = dataclasses.replace(SETTINGS, num_steps=3, M=1, afs=False)
-  assert jax.device_count() == 8
+  assert jax.device_count() >= 2
   one = Mesh(np.array(jax.devices()[:1]), (train.DATA_AXIS,))
-  lrs = [OPTIM.lr, OPTIM.lr * OPTIM.lr_drop_factor]
+  lrs = [LIPSCHITZ_OPTIM.lr, LIPSCHITZ_OPTIM.lr * LIPSCHITZ_OPTIM.lr_drop_factor]
   c1, c8 = [0], [0]
-  p1, m1, lat1 = run_steps(dropout_models, one, 2, lrs, c1, small)
-  p8, m8, lat8 = run_steps(dropout_models, train.make_mesh(), 2, lrs, c8, small)
+  start = flatten(jax.device_get(dropout_models.student_variables['params']))
+  p1, m1, lat1 = run_steps(dropout_models, one, 2, lrs, c1, small, optim=LIPSCHITZ_OPTIM)
+  p8, m8, lat8 = run_steps(dropout_models, train.make_mesh(), 2, lrs, c8, small, optim=LIPSCHITZ_OPTIM)
   # One trace of the student-interval program serves both intervals (no AFS).
   assert c1[0] == c8[0] == 1
-  assert len(lat8.sharding.device_set) == 8
+  assert len(lat8.sharding.device_set) == jax.device_count()
   np.testing.assert_array_equal(np.asarray(lat1), np.asarray(lat8))
-  np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=2 * 1.42e-3 / 590)
+  np.testing.assert_allclose(m1['grad_norm'], m8['grad_norm'], rtol=GRAD_REL_TOL)
   f1, f8 = flatten(p1), flatten(p8)
   diff = max(np.abs(drop_key_bias(n, f1[n]) - drop_key_bias(n, f8[n])).max() for n in f1)
-  print('max |param 8 devices - 1 device|', diff)
+  moved = max(np.abs(f1[n] - start[n]).max() for n in f1)
+  print(f'max |param {jax.device_count()} devices - 1 device| {diff:.2e}; largest change {moved:.2e}')
   assert diff <= 1.1e-6, diff
+  assert moved > 100 * 1.1e-6, moved  # a wrong gradient would show far above the tolerance
 
 
 def test_learning_rate_schedule():
