@@ -10,7 +10,8 @@ import sys
 import types
 
 import numpy as np
-import torch
+
+from conftest import torch
 
 
 def import_piq():
@@ -28,12 +29,13 @@ def import_piq():
   return piq
 
 
-def piq_lpips(params, monkeypatch, dtype=torch.float32):
+def piq_lpips(params, monkeypatch, dtype=None):
   """piq.LPIPS(replace_pooling=True, reduction='none') with `params` (sfd_jax.lpips layout).
 
   piq would download torchvision's VGG16 and its LPIPS weights; both loaders are replaced
-  (through pytest's monkeypatch) by ones handing over these weights.
+  (through pytest's monkeypatch) by ones handing over these weights. dtype: torch's, float32 if None.
   """
+  dtype = torch.float32 if dtype is None else dtype
   piq = import_piq()
   import torchvision
   from sfd_jax import lpips as lpips_lib

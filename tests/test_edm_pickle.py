@@ -10,9 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import EDM_FIXTURES, EDM_NAMES
+from conftest import EDM_FIXTURES, EDM_NAMES, torch
 from sfd_jax.io import edm_pickle
 from sfd_jax.io.edm_pickle import EDMPickleError, read_edm_snapshot
 
@@ -100,6 +99,7 @@ def test_fixture_matches_json_listing(name):
     assert snapshot.other["ema_attributes"][key] == pytest.approx(float(value)), key
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("name", EDM_NAMES)
 def test_tensors_equal_torch_reading(name):
   path, _ = _fixture(name)
@@ -287,6 +287,7 @@ def test_corrupt_storage_payload(tmp_path):
   assert str(target) in _one_line(err) and "magic" in str(err.value)
 
 
+@pytest.mark.torch_reference
 def test_not_a_pickle(tmp_path):
   text = tmp_path / "notes.pkl"
   text.write_text("just some text\n")
@@ -331,6 +332,7 @@ def test_unknown_class(tmp_path, old, new, expected):
   assert str(target) in _one_line(err) and expected in str(err.value)
 
 
+@pytest.mark.torch_reference
 def test_storage_dtypes_and_views(tmp_path):
   """Tensors pickled by real torch: several dtypes, offsets and strides, shared storage."""
   base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
@@ -377,6 +379,7 @@ def _module_state(parameters=None, buffers=None, modules=None, non_persistent=()
               _non_persistent_buffers_set=set(non_persistent), _modules=dict(modules or {}), **attributes)
 
 
+@pytest.mark.torch_reference
 def test_synthetic_snapshot_walk(tmp_path, monkeypatch):
   """torch's state_dict rules on a hand-built snapshot: None entries and non-persistent
   buffers skipped, ModuleDict children, positional args and numpy scalar kwargs."""

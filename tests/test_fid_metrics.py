@@ -1,4 +1,5 @@
 """Tests for sfd_jax.fid.metrics: EDM's statistics and Fréchet distance, the official prdc."""
+import inspect
 import warnings
 
 import numpy as np
@@ -14,12 +15,20 @@ def _random_spd(rng, d, rank=None):
   return a @ a.T / a.shape[1]
 
 
-def _edm_fid(mu, sigma, mu_ref, sigma_ref):
-  """EDM fid.py's `calculate_fid_from_inception_stats`, with its `disp=False` call."""
-  m = np.square(mu - mu_ref).sum()
+def _edm_sqrtm(a):
+  """scipy's sqrtm as EDM calls it, `disp=False` (the matrix and an error estimate). SciPy 1.18
+  removed `disp`; its plain call returns the same matrix (disp only chose what else to return)."""
+  if 'disp' not in inspect.signature(scipy.linalg.sqrtm).parameters:
+    return scipy.linalg.sqrtm(a)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', DeprecationWarning)
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref), disp=False)
+    return scipy.linalg.sqrtm(a, disp=False)[0]
+
+
+def _edm_fid(mu, sigma, mu_ref, sigma_ref):
+  """EDM fid.py's `calculate_fid_from_inception_stats`."""
+  m = np.square(mu - mu_ref).sum()
+  s = _edm_sqrtm(np.dot(sigma, sigma_ref))
   return float(np.real(m + np.trace(sigma + sigma_ref - s * 2)))
 
 

@@ -17,13 +17,12 @@ Tolerances (measured on CPU, 2026-12-02):
 """
 import numpy as np
 import pytest
-import torch
 
 import jax
 import jax.numpy as jnp
 
 import lpips_reference
-from conftest import FIXTURES
+from conftest import FIXTURES, torch
 from sfd_jax import lpips
 from sfd_jax.io import lpips_weights
 
@@ -65,6 +64,7 @@ def rel(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.torch_reference
 @pytest.mark.slow
 @pytest.mark.parametrize('res', [32, 64])
 def test_parity_with_piq(params, monkeypatch, res):
@@ -103,6 +103,7 @@ def test_grey_images_are_repeated_to_rgb(params):
                              jnp.asarray(np.repeat(grey_y, 3, -1), jnp.float32))))
 
 
+@pytest.mark.torch_reference
 def test_resize_matches_torch_interpolate():
   rng = np.random.default_rng(1)
   for shape, size in [((2, 8, 8, 1), 224), ((1, 32, 32, 3), 224), ((1, 64, 64, 3), 224), ((1, 64, 64, 2), 24)]:
@@ -123,6 +124,7 @@ def test_linear_weights_equal_the_lpips_package(params):
     np.testing.assert_array_equal(other[name], params['lin'][name])
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize('use_zip', [True, False])
 def test_torchvision_state_dict_and_linear_file(params, tmp_path, use_zip):
   """A torchvision vgg16 state dict (zip or legacy torch.save) + lpips' vgg.pth give the same params."""
@@ -149,6 +151,7 @@ def test_missing_weights_name_file_and_package(tmp_path, monkeypatch):
     lpips.load_params(vgg16=str(tmp_path / 'vgg16.pth'))
 
 
+@pytest.mark.torch_reference
 def test_refuses_code_in_weight_files(tmp_path):
   import pickle
   path = tmp_path / 'evil.ckpt'

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from conftest import EDM_FIXTURES, EDM_NAMES, SFD_FIXTURES
+from conftest import EDM_FIXTURES, EDM_NAMES, SFD_FIXTURES, torch
 from sfd_jax import networks as nets
 from sfd_jax.io.edm_pickle import read_edm_snapshot
 from sfd_jax.networks.state_dict import init_named
@@ -265,6 +264,7 @@ def _torch_conv_reference(x, w, b, f, up, down, fused):
   return x if b is None else x + b.reshape(1, -1, 1, 1)
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("kernel", [0, 1, 3])
 @pytest.mark.parametrize("filt", [(1, 1), (1, 3, 3, 1)])
 @pytest.mark.parametrize("mode", ["up", "down", "fused_up", "fused_down"])
@@ -285,6 +285,7 @@ def test_conv2d_resampling_matches_torch(kernel, filt, mode):
   np.testing.assert_allclose(_nchw(y), ref, atol=2e-6)
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("filt", [(1, 1), (1, 3, 3, 1)])
 @pytest.mark.parametrize("mode", ["up", "down", "fused_up", "fused_down", "none"])

@@ -38,8 +38,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
+from conftest import torch
 from sfd_jax import schedules
 
 SIGMA_RANGES = [(0.002, 80.0), (0.006, 80.0), (0.1, 14.6)]
@@ -104,6 +104,7 @@ def _grid_mismatches(kind, reference):
   return bad
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("kind, reference", [
     ("polynomial", _torch_polynomial),
     ("logsnr", _torch_logsnr),
@@ -114,6 +115,7 @@ def test_float32_within_1ulp_of_official_arithmetic(kind, reference):
   assert not bad, f"{kind}: {len(bad)} of {3 * len(NUM_STEPS)} cases off, first {bad[:5]}"
 
 
+@pytest.mark.torch_reference
 def test_time_uniform_within_1ulp_of_torch_scalar_path():
   # Below 16 points torch's power takes its scalar (libm) path on AVX2 and AVX-512 machines
   # alike; only the end points' square roots (MKL's, not correctly rounded) may differ by 1 ulp.
@@ -138,6 +140,7 @@ def _unfused(a, b, c):
   return np.float32(a) * np.asarray(b).astype(np.float32) + np.float32(c)
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("kind, reference, name, mutant", [
     ("logsnr", _torch_logsnr, "_rounded", _numpy_float32_functions),
     ("logsnr", _torch_logsnr, "_fma32", _unfused),

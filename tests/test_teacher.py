@@ -14,9 +14,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
-from conftest import EDM_FIXTURES, EDM_NAMES
+from conftest import EDM_FIXTURES, EDM_NAMES, torch
 from sfd_jax import convert, io, networks, teacher
 from sfd_jax.io import torch_files as torch_format
 from sfd_jax.io.edm_pickle import EDMPickleError, read_edm_snapshot
@@ -77,6 +76,7 @@ def _as_numpy(tensor):
   return tensor.numpy()
 
 
+@pytest.mark.torch_reference
 def test_written_file_loads_in_torch(tmp_path):
   arrays = _mixed_arrays()
   path = tmp_path / "mixed.pt"
@@ -98,6 +98,7 @@ def test_written_file_loads_in_torch(tmp_path):
     assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
 
 
+@pytest.mark.torch_reference
 def test_reader_round_trip_and_torch_files(tmp_path):
   arrays = _mixed_arrays()
   path = tmp_path / "mixed.pt"
@@ -162,6 +163,7 @@ def test_format_errors(tmp_path):
 # Export and round trips through the network variables
 
 
+@pytest.mark.torch_reference
 @pytest.mark.parametrize("name", EDM_NAMES)
 def test_export_gives_fixture_tensors(tmp_path, name):
   snapshot = read_edm_snapshot(_pkl(name))
@@ -301,6 +303,7 @@ def test_convert_cli_then_load_without_torch(tmp_path, name):
   assert np.all(err <= 2e-5 * (1 + data["sigma"])), err
 
 
+@pytest.mark.torch_reference
 def test_convert_cli_export_pt(tmp_path):
   name = "edm_adm_cond"
   directory = tmp_path / "converted"
