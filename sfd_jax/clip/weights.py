@@ -40,7 +40,7 @@ def read_state_dict(path) -> dict:
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], source: str,
-                     optional=()) -> None:
+                     optional=(), spelled: str = '') -> None:
   """Raises `CLIPWeightsError` naming the first missing, unexpected or mis-shaped tensor.
 
   Args:
@@ -48,16 +48,17 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping[str, 
     shapes: every expected name -> shape.
     source: the file or description named in the message.
     optional: names that may be present (with any shape checked by the caller) or absent.
+    spelled: prepended to names in messages (where they sit in the file).
   """
   for name, shape in shapes.items():
     if name not in state_dict:
-      raise CLIPWeightsError(f'{source}: missing tensor {name!r}')
+      raise CLIPWeightsError(f'{source}: missing tensor {spelled + name!r}')
     if tuple(state_dict[name].shape) != tuple(shape):
-      raise CLIPWeightsError(f'{source}: {name!r} has shape {tuple(state_dict[name].shape)}, '
+      raise CLIPWeightsError(f'{source}: {spelled + name!r} has shape {tuple(state_dict[name].shape)}, '
                              f'the model needs {tuple(shape)}')
   unexpected = [name for name in state_dict if name not in shapes and name not in optional]
   if unexpected:
-    raise CLIPWeightsError(f'{source}: unexpected tensor {unexpected[0]!r} (not part of this model)')
+    raise CLIPWeightsError(f'{source}: unexpected tensor {spelled + unexpected[0]!r} (not part of this model)')
 
 
 def nest(state_dict: Mapping[str, np.ndarray], dtype=np.float32) -> dict:
