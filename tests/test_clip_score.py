@@ -110,3 +110,21 @@ def test_a_wrong_config_names_the_first_mismatched_tensor():
 def test_missing_weights_file_is_one_line(tmp_path):
   with pytest.raises(weights.CLIPWeightsError, match='no such file'):
     score.load_open_clip(tmp_path / 'open_clip_pytorch_model.bin')
+
+
+def test_folder_score_pairs_the_kth_chosen_image_with_caption_k(tmp_path, t1, model):
+  """A folder of the six 32x32 crops (the resize and crop are then identities): all of them score
+  as the fixture pairs; a random 4 of them (EDM's subset) pair with captions 0..3, as the official
+  code pairs them, expected here from the fixture's float64 features."""
+  from PIL import Image
+  for i, crop in enumerate(t1['crop_uint8']):
+    Image.fromarray(crop).save(tmp_path / f'{i:06d}.png')
+  captions = list(t1['captions'])
+  result = score.folder_clip_score(tmp_path, captions, *model)
+  np.testing.assert_allclose(result.scores, t1['scores_f64'], rtol=0, atol=TOL['scores'])
+  chosen = score.sources.subset(6, 4, seed=1)
+  assert chosen.tolist() != [0, 1, 2, 3]
+  expected = score.pair_scores(t1['image_features_f64'][chosen], t1['text_features_f64'][:4])
+  subset = score.folder_clip_score(tmp_path, captions, *model, num=4, seed=1, batch_size=3)
+  np.testing.assert_allclose(subset.scores, expected, rtol=0, atol=TOL['scores'])
+  assert abs(subset.mean - float(np.mean(expected))) <= TOL['mean']
