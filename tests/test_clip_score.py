@@ -6,10 +6,12 @@ Tolerances are four times the fixture's measured float32-vs-float64 gaps of the 
 mean 2.6e-6. Under x64 the port must match the float64 run to rounding (the README's numpy
 float64 re-implementation reaches 2.4e-15 on features, 5e-14 on scores)."""
 import json
+import math
 
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from conftest import FIXTURES
 from sfd_jax.clip import open_clip_model, preprocess, score, weights
@@ -45,6 +47,25 @@ def test_config_of_the_family(config):
   assert (config.vision_heads, config.vision_mlp, config.text_heads, config.text_mlp, config.grid) == (3, 209, 2, 128, 4)
   real = open_clip_model.OpenCLIPConfig.from_open_clip_json(open_clip_model.VIT_G_14)
   assert (real.vision_heads, real.vision_mlp, real.text_heads, real.text_mlp, real.grid) == (16, 6144, 16, 4096, 16)
+
+
+def _abstract_tree(shapes):
+  return traverse_util.unflatten_dict({tuple(k.split('.')): jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()})
+
+
+def test_the_real_vit_g_14_sizes():
+  """Its tensors add up to the parameter count open_clip reports (json → vit_g_14_verified), and
+  both towers trace at its sizes."""
+  verified = json.loads((CLIP / 'clip_T1.json').read_text())['vit_g_14_verified']
+  config = open_clip_model.OpenCLIPConfig.from_open_clip_json(open_clip_model.VIT_G_14)
+  shapes = open_clip_model.state_dict_shapes(config)
+  assert sum(math.prod(s) for s in shapes.values()) == verified['n_params'] == 1366678273
+  params = _abstract_tree(shapes)
+  image = jax.eval_shape(lambda p, x: open_clip_model.encode_image(p, config, x), params,
+                         jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32))
+  text = jax.eval_shape(lambda p, t: open_clip_model.encode_text(p, config, t), params,
+                        jax.ShapeDtypeStruct((2, 77), np.int32))
+  assert image.shape == text.shape == (2, 1024)
 
 
 def test_crops_are_bit_exact(t1):

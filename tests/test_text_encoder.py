@@ -3,9 +3,12 @@ SD fixture (tests/fixtures/ldm/README.md: hidden 32, 4 heads, MLP 64, 2 layers, 
 
 float32 tolerance: four times the official code's measured float32-vs-float64 gap on `cond`
 (8.4e-7, values up to 3.6); under x64 the port must match the float64 run to rounding."""
+import math
+
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from conftest import FIXTURES
 from sfd_jax.clip import sd_text_encoder, weights
@@ -51,6 +54,19 @@ def test_float64_forward_equals_the_float64_run(fixture, params):
     cond = sd_text_encoder.encode(params64, CONFIG, fixture['token_ids'], dtype=np.float64)
     assert cond.dtype == np.float64
     np.testing.assert_allclose(cond, fixture['cond_fp64'], rtol=0, atol=1e-12)
+
+
+def test_sizes(state_dict):
+  """The tiny encoder has the README's 1,600,672 parameters; SD v1's (clip-vit-large-patch14's
+  text model, 123,060,480) traces to `[N, 77, 768]`."""
+  assert sum(math.prod(s) for s in sd_text_encoder.state_dict_shapes(CONFIG).values()) == 1600672
+  shapes = sd_text_encoder.state_dict_shapes(sd_text_encoder.SD_V1)
+  assert sum(math.prod(s) for s in shapes.values()) == 123060480
+  params = traverse_util.unflatten_dict({tuple(k.split('.')): jax.ShapeDtypeStruct(v, np.float32)
+                                         for k, v in shapes.items()})
+  out = jax.eval_shape(lambda p, t: sd_text_encoder.encode(p, sd_text_encoder.SD_V1, t), params,
+                       jax.ShapeDtypeStruct((3, 77), np.int32))
+  assert out.shape == (3, 77, 768)
 
 
 def test_transformers_5_names_without_text_model_give_the_same_tree(state_dict, params):

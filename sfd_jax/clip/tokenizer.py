@@ -167,6 +167,12 @@ def load_vocabulary(source: Union[None, str, os.PathLike] = None, specials=OPEN_
   return _read_bpe_gz(path, specials)
 
 
+@functools.lru_cache(maxsize=None)
+def installed_vocabulary(specials=OPEN_CLIP_SPECIALS) -> Vocabulary:
+  """open_clip's installed vocabulary, read once per process."""
+  return load_vocabulary(None, specials)
+
+
 def bpe(word: str, ranks: Mapping[Tuple[str, str], int]) -> List[str]:
   """Byte-pair encodes one pre-token (already in byte symbols); the last symbol ends in '</w>'.
 
@@ -239,12 +245,12 @@ def tokenize(texts: Sequence[str], vocab: Vocabulary, pad_id: int, clean=clean_o
 def open_clip_tokenize(texts: Sequence[str], vocab: Optional[Vocabulary] = None,
                        context_length: int = CONTEXT_LENGTH) -> np.ndarray:
   """open_clip's `get_tokenizer('ViT-g-14')(texts)`: padded with 0. `[N, 77]` int64."""
-  vocab = vocab or load_vocabulary()
+  vocab = vocab or installed_vocabulary()
   return tokenize(texts, vocab, 0, clean_open_clip, context_length)
 
 
 def sd_tokenize(texts: Sequence[str], vocab: Optional[Vocabulary] = None,
                 context_length: int = CONTEXT_LENGTH) -> np.ndarray:
   """The ids SD's `FrozenCLIPEmbedder` feeds CLIP: padded with EOT (49407). `[N, 77]` int64."""
-  vocab = vocab or load_vocabulary(specials=OPENAI_SPECIALS)
+  vocab = vocab or installed_vocabulary(OPENAI_SPECIALS)
   return tokenize(texts, vocab, vocab.eot, clean_sd, context_length)
