@@ -20,6 +20,7 @@ DEFAULT_BATCH = 64  # clip_score.py's batch size
 
 
 class CLIPScore(NamedTuple):
+  """What `clip_score` returns."""
   mean: float         # the number clip_score.py prints
   scores: np.ndarray  # [N] float32, one per image/caption pair
 
@@ -32,7 +33,8 @@ def load_open_clip(path: Union[str, os.PathLike], config=open_clip_model.VIT_G_1
     config: an `OpenCLIPConfig` or an open_clip model-config dict (default: ViT-g-14's).
 
   Returns:
-    `(params, config)`: the float32 parameter tree (state-dict names split on '.') and the config.
+    `(params, config)`: the float32 parameter tree (state-dict names split on '.'), placed on the
+    default device once, and the config.
 
   Raises:
     CLIPWeightsError: missing file, or a tensor missing, unexpected or of the wrong shape for the
@@ -42,7 +44,7 @@ def load_open_clip(path: Union[str, os.PathLike], config=open_clip_model.VIT_G_1
     config = OpenCLIPConfig.from_open_clip_json(config)
   state_dict = weights.read_state_dict(path)
   weights.check_state_dict(state_dict, open_clip_model.state_dict_shapes(config), str(path))
-  return weights.nest(state_dict), config
+  return jax.device_put(weights.nest(state_dict)), config
 
 
 @functools.partial(jax.jit, static_argnums=1)
