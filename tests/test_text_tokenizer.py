@@ -84,3 +84,30 @@ def test_missing_vocabulary_is_one_clean_line(tmp_path):
 def test_byte_symbols_cover_every_byte_once():
   symbols = tokenizer.byte_symbols()
   assert len(set(symbols)) == 256 and symbols[0] == '!' and tokenizer.byte_encoder()[ord(' ')] == 'Ġ'
+
+
+def _open_clip_reference_tokenizer():
+  """open_clip's own `SimpleTokenizer`, loaded from its file (the package's __init__ imports
+  torchvision, which this environment cannot import; the tokenizer module needs only torch)."""
+  import importlib.util
+  import torch  # noqa: F401  (the reference module imports it)
+  path = tokenizer.open_clip_bpe_file().parent / 'tokenizer.py'
+  spec = importlib.util.spec_from_file_location('open_clip_reference_tokenizer', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.SimpleTokenizer()
+
+
+@pytest.mark.torch_reference
+def test_open_clip_flavour_equals_open_clip_on_random_texts():
+  """Seeded random texts mixing cases, accents, CJK, emoji, digits, punctuation, contractions,
+  HTML entities, odd whitespace and the special-token literal, some over 77 tokens."""
+  pieces = ['a', 'B', 'cat', 'DOGS', 'é', 'Ü', 'ß', 'ﬁ', '東京', '😀', '0', '42', '1,024', '.', '!', '??', '"', '’',
+            "'s", "'T", "'ll", "o'clock", '&amp;', '&amp;amp;', '&lt;', '<b>', '-', '_', '#', '\t', '\n', '  ', ' ',
+            '\u00a0', 'Ａ', '<start_of_text>', '<end_of_text>', 'crème brûlée', 'naïve']
+  rng = np.random.default_rng(23)
+  texts = [''.join(rng.choice(pieces, size=rng.integers(0, 60))) for _ in range(300)]
+  reference = _open_clip_reference_tokenizer()(texts).numpy()
+  ours = tokenizer.open_clip_tokenize(texts)
+  assert (reference.argmax(-1) == 76).any()  # some texts are truncated
+  np.testing.assert_array_equal(ours, reference)
