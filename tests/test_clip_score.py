@@ -106,13 +106,22 @@ def test_float64_forward_equals_the_float64_run(t1, model):
     np.testing.assert_allclose(score.pair_scores(image, text), t1['scores_f64'], rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize('batch_size', [64, 4])
-def test_clip_score_from_raw_images_and_captions(t1, model, batch_size):
+def test_clip_score_from_raw_images_and_captions(t1, model):
   """The whole official path: PNG arrays and raw captions in, per-pair scores and their mean out."""
-  result = score.clip_score(images(t1), list(t1['captions']), *model, batch_size=batch_size)
+  result = score.clip_score(images(t1), list(t1['captions']), *model)
   assert result.scores.shape == (6,)
   np.testing.assert_allclose(result.scores, t1['scores_f64'], rtol=0, atol=TOL['scores'])
   assert abs(result.mean - float(t1['mean_score_f64'])) <= TOL['mean']
+
+
+def test_the_last_batch_is_padded_not_recompiled(t1, model):
+  """Seven pairs in batches of 3 (3, 3, 1): one compiled program per tower, not two."""
+  before = score.image_features._cache_size(), score.text_features._cache_size()
+  pairs = list(range(6)) + [2]
+  result = score.clip_score([t1[f'image_{i}'] for i in pairs], [t1['captions'][i] for i in pairs], *model,
+                            batch_size=3)
+  assert (score.image_features._cache_size(), score.text_features._cache_size()) == (before[0] + 1, before[1] + 1)
+  np.testing.assert_allclose(result.scores, t1['scores_f64'][pairs], rtol=0, atol=TOL['scores'])
 
 
 def test_bin_and_safetensors_give_the_same_tree(tmp_path, model):
