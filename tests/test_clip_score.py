@@ -44,13 +44,15 @@ def images(t1):
 
 
 def test_config_of_the_family(config):
-  assert (config.vision_heads, config.vision_mlp, config.text_heads, config.text_mlp, config.grid) == (3, 209, 2, 128, 4)
+  sizes = (config.vision_heads, config.vision_mlp, config.text_heads, config.text_mlp, config.grid)
+  assert sizes == (3, 209, 2, 128, 4)
   real = open_clip_model.OpenCLIPConfig.from_open_clip_json(open_clip_model.VIT_G_14)
   assert (real.vision_heads, real.vision_mlp, real.text_heads, real.text_mlp, real.grid) == (16, 6144, 16, 4096, 16)
 
 
 def _abstract_tree(shapes):
-  return traverse_util.unflatten_dict({tuple(k.split('.')): jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()})
+  flat = {tuple(k.split('.')): jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
+  return traverse_util.unflatten_dict(flat)
 
 
 def test_the_real_vit_g_14_sizes():

@@ -55,7 +55,8 @@ def test_truncation_keeps_75_tokens_and_ends_in_eot(clip_t1):
 
 def test_cleaning_flavours_differ_in_html_entities():
   """ftfy alone unescapes HTML entities only in texts without '<'; open_clip unescapes always."""
-  assert tokenizer.clean_open_clip('  Fish &amp;\tChips\n ') == tokenizer.clean_sd('  Fish &amp;\tChips\n ') == 'fish & chips'
+  text = '  Fish &amp;\tChips\n '
+  assert tokenizer.clean_open_clip(text) == tokenizer.clean_sd(text) == 'fish & chips'
   assert tokenizer.clean_open_clip('<b>A &amp; B</b>') == '<b>a & b</b>'
   assert tokenizer.clean_sd('<b>A &amp; B</b>') == '<b>a &amp; b</b>'
   assert tokenizer.clean_open_clip('o’clock') == tokenizer.clean_sd('o’clock') == "o'clock"
@@ -102,9 +103,9 @@ def _open_clip_reference_tokenizer():
 def test_open_clip_flavour_equals_open_clip_on_random_texts():
   """Seeded random texts mixing cases, accents, CJK, emoji, digits, punctuation, contractions,
   HTML entities, odd whitespace and the special-token literal, some over 77 tokens."""
-  pieces = ['a', 'B', 'cat', 'DOGS', 'é', 'Ü', 'ß', 'ﬁ', '東京', '😀', '0', '42', '1,024', '.', '!', '??', '"', '’',
-            "'s", "'T", "'ll", "o'clock", '&amp;', '&amp;amp;', '&lt;', '<b>', '-', '_', '#', '\t', '\n', '  ', ' ',
-            '\u00a0', 'Ａ', '<start_of_text>', '<end_of_text>', 'crème brûlée', 'naïve']
+  pieces = ['a', 'B', 'cat', 'DOGS', 'é', 'Ü', 'ß', 'ﬁ', '東京', '😀', '0', '42', '1,024', '.', '!', '??', '"',
+            '’', "'s", "'T", "'ll", "o'clock", '&amp;', '&amp;amp;', '&lt;', '<b>', '-', '_', '#', '\t', '\n', '  ',
+            ' ', '\u00a0', 'Ａ', '<start_of_text>', '<end_of_text>', 'crème brûlée', 'naïve']
   rng = np.random.default_rng(23)
   texts = [''.join(rng.choice(pieces, size=rng.integers(0, 60))) for _ in range(300)]
   reference = _open_clip_reference_tokenizer()(texts).numpy()

@@ -113,7 +113,8 @@ def encode(params, config: TextEncoderConfig, token_ids, dtype=jnp.float32):
   token_ids = jnp.asarray(token_ids)
   emb = params['embeddings']
   length = token_ids.shape[1]
-  x = emb['token_embedding']['weight'].astype(dtype)[token_ids] + emb['position_embedding']['weight'][:length].astype(dtype)
+  x = emb['token_embedding']['weight'].astype(dtype)[token_ids]
+  x = x + emb['position_embedding']['weight'][:length].astype(dtype)
   mask = layers.causal_mask(length)
   for i in range(config.layers):
     x = encoder_layer(x, params['encoder']['layers'][str(i)], config, mask)
