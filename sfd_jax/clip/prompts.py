@@ -1,8 +1,11 @@
 """Caption / prompt files: a CSV with a `text` column (the official MS-COCO 30k captions file),
-read as the official code reads it (`csv.DictReader`, one caption per row, in file order)."""
+read as the official code reads it (`csv.DictReader`, one caption per row, in file order), and
+the per-iteration draw of distinct prompts."""
 import csv
 import os
 from typing import List
+
+import jax
 
 
 class PromptsError(ValueError):
@@ -30,3 +33,15 @@ def read_prompts(path, column: str = 'text') -> List[str]:
   if not prompts:
     raise PromptsError(f'{path}: holds no prompts (a header and no rows)')
   return prompts
+
+
+def draw_prompts(key, num_prompts: int, batch_size: int):
+  """Indices of `batch_size` distinct prompts out of `num_prompts`, drawn from `key` (the official
+  loop's `random.sample(captions, batch)`, on a JAX key); jit-able.
+
+  Returns:
+    `[batch_size]` int32 indices into the prompt table.
+  """
+  if batch_size > num_prompts:
+    raise ValueError(f'cannot draw {batch_size} distinct prompts out of {num_prompts}')
+  return jax.random.choice(key, num_prompts, (batch_size,), replace=False)

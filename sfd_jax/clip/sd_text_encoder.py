@@ -12,6 +12,7 @@ skipped. Blocks are pre-LayerNorm (`layer_norm1` → causal self-attention → r
 import dataclasses
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -121,10 +122,13 @@ def encode(params, config: TextEncoderConfig, token_ids, dtype=jnp.float32):
   return layers.layer_norm(x, params['final_layer_norm'], config.eps)
 
 
+encode_jit = jax.jit(encode, static_argnums=(1, 3))
+
+
 def encode_prompts(params, config: TextEncoderConfig, prompts: Sequence[str], vocab=None):
-  """SD's `get_learned_conditioning(prompts)`: tokenised as `FrozenCLIPEmbedder` does, encoded.
+  """SD's `get_learned_conditioning(prompts)`: tokenised as `FrozenCLIPEmbedder` does, encoded (jitted).
 
   Returns:
     `[len(prompts), 77, width]` float32.
   """
-  return encode(params, config, tokenizer.sd_tokenize(list(prompts), vocab, config.positions))
+  return encode_jit(params, config, tokenizer.sd_tokenize(list(prompts), vocab, config.positions))
