@@ -134,6 +134,20 @@ def test_bin_and_safetensors_give_the_same_tree(tmp_path, model):
   jax.tree.map(np.testing.assert_array_equal, params, model[0])
 
 
+@pytest.mark.torch_reference
+def test_a_torch_saved_bin_reads_as_the_safetensors(tmp_path, model):
+  """`torch.save(model.state_dict())`, as open_clip's `open_clip_pytorch_model.bin` was written
+  (an OrderedDict carrying `_metadata`), read by the restricted unpickler."""
+  import collections
+  import torch
+  state_dict = collections.OrderedDict(
+      (k, torch.from_numpy(v)) for k, v in weights.read_state_dict(CLIP / 'clip_T1.safetensors').items())
+  state_dict._metadata = collections.OrderedDict({'': {'version': 1}, 'visual': {'version': 1}})
+  torch.save(state_dict, tmp_path / 'open_clip_pytorch_model.bin')
+  params, _ = score.load_open_clip(tmp_path / 'open_clip_pytorch_model.bin', model[1])
+  jax.tree.map(np.testing.assert_array_equal, params, model[0])
+
+
 def test_a_wrong_config_names_the_first_mismatched_tensor():
   with pytest.raises(weights.CLIPWeightsError, match=r"clip_T1.safetensors: 'positional_embedding' has shape"):
     score.load_open_clip(CLIP / 'clip_T1.safetensors')  # the real ViT-g-14's sizes
