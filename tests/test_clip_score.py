@@ -14,7 +14,9 @@ import pytest
 from flax import traverse_util
 
 from conftest import FIXTURES
+from sfd_jax import fid
 from sfd_jax.clip import open_clip_model, preprocess, score, weights
+from sfd_jax.fid import sources
 from sfd_jax.io import torch_files
 
 CLIP = FIXTURES / 'clip'
@@ -166,11 +168,11 @@ def test_folder_score_pairs_the_kth_chosen_image_with_caption_k(tmp_path, t1, mo
   for i, crop in enumerate(t1['crop_uint8']):
     Image.fromarray(crop).save(tmp_path / f'{i:06d}.png')
   captions = list(t1['captions'])
-  result = score.folder_clip_score(tmp_path, captions, *model)
+  result = fid.folder_clip_score(tmp_path, captions, *model)
   np.testing.assert_allclose(result.scores, t1['scores_f64'], rtol=0, atol=TOL['scores'])
-  chosen = score.sources.subset(6, 4, seed=1)
+  chosen = sources.subset(6, 4, seed=1)
   assert chosen.tolist() != [0, 1, 2, 3]
   expected = score.pair_scores(t1['image_features_f64'][chosen], t1['text_features_f64'][:4])
-  subset = score.folder_clip_score(tmp_path, captions, *model, num=4, seed=1, batch_size=3)
+  subset = fid.folder_clip_score(tmp_path, captions, *model, num=4, seed=1, batch_size=3)
   np.testing.assert_allclose(subset.scores, expected, rtol=0, atol=TOL['scores'])
   assert abs(subset.mean - float(np.mean(expected))) <= TOL['mean']

@@ -14,7 +14,6 @@ import numpy as np
 
 from sfd_jax.clip import open_clip_model, preprocess, tokenizer, weights
 from sfd_jax.clip.open_clip_model import OpenCLIPConfig
-from sfd_jax.fid import sources
 
 DEFAULT_BATCH = 64  # clip_score.py's batch size
 
@@ -78,8 +77,12 @@ def _batch_scores(params, config, images, token_ids, size):
   return np.asarray(scores)[:len(images)]
 
 
-def _scores(image_batches, captions, params, config, vocab, batch_size) -> CLIPScore:
-  """Scores of uint8 image batches paired in order with `captions`; the mean over all pairs."""
+def scores_of_batches(image_batches, captions, params, config, vocab, batch_size) -> CLIPScore:
+  """Scores of uint8 image batches (iterable of image lists) paired in order with `captions`.
+
+  Returns:
+    `CLIPScore(mean over all pairs, scores)`.
+  """
   ids = tokenizer.open_clip_tokenize(list(captions), vocab, config.context_length)
   size, scores = min(batch_size, len(ids)), []
   for images in image_batches:
@@ -108,31 +111,5 @@ def clip_score(images: Sequence[np.ndarray], captions: Sequence[str], params, co
     raise ValueError(f'clip_score needs as many captions as images (and at least one): '
                      f'{len(images)} images, {len(captions)} captions')
   batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
-  return _scores(batches, captions, params, config, vocab, batch_size)
+  return scores_of_batches(batches, captions, params, config, vocab, batch_size)
 
-
-def folder_clip_score(image_path, captions: Sequence[str], params, config: OpenCLIPConfig, num: Optional[int] = None,
-                      seed: int = 0, vocab: Optional[tokenizer.Vocabulary] = None,
-                      batch_size: int = DEFAULT_BATCH) -> CLIPScore:
-  """`clip_score.py calc --images=PATH [--num --seed]` as a library call.
-
-  The images are read as sfd-main's `ImageFolderDataset` reads them (sorted, recursive; a zip
-  or `.npz` works too); with `num` a sorted random subset (`RandomState(seed)`, EDM's
-  `max_size`) is taken, and, as in the official code, the k-th chosen image is paired with
-  caption k (captions are not subset with the images).
-
-  Args:
-    image_path: image folder, EDM zip, or `.npz` of samples.
-    captions: at least as many captions as images used (e.g. `prompts.read_prompts(csv)`).
-    params, config: from `load_open_clip`.
-    num, seed: use a random `num` of the images.
-
-  Returns:
-    `CLIPScore(mean, scores)`.
-  """
-  source = sources.open_source(image_path)
-  indices = sources.subset(source.count, num, seed)
-  if len(captions) < len(indices):
-    raise ValueError(f'{image_path}: {len(indices)} images but only {len(captions)} captions')
-  batches = (source.load(indices[start:start + batch_size]) for start in range(0, len(indices), batch_size))
-  return _scores(batches, captions[:len(indices)], params, config, vocab, batch_size)
