@@ -3,6 +3,7 @@
 with `<|endoftext|>`)."""
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -112,3 +113,18 @@ def test_open_clip_flavour_equals_open_clip_on_random_texts():
   ours = tokenizer.open_clip_tokenize(texts)
   assert (reference.argmax(-1) == 76).any()  # some texts are truncated
   np.testing.assert_array_equal(ours, reference)
+
+
+def test_a_folder_missing_a_merged_symbol_is_refused(tmp_path):
+  vocab = tokenizer.load_vocabulary(specials=tokenizer.OPENAI_SPECIALS)
+  merges = sorted(vocab.ranks, key=vocab.ranks.get)
+  encoder = dict(vocab.encoder)
+  dropped = ''.join(merges[100])
+  del encoder[dropped]
+  (tmp_path / 'vocab.json').write_text(json.dumps(encoder), encoding='utf-8')
+  (tmp_path / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(' '.join(m) for m in merges), encoding='utf-8')
+  with pytest.raises(tokenizer.VocabularyError, match=re.escape(f"vocab.json: no '{dropped}' token")):
+    tokenizer.load_vocabulary(tmp_path)
+  (tmp_path / 'bad.txt.gz').write_bytes(b'not gzip')
+  with pytest.raises(tokenizer.VocabularyError, match='bad.txt.gz: not a readable gzipped merges file'):
+    tokenizer.load_vocabulary(tmp_path / 'bad.txt.gz')

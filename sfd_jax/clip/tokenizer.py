@@ -121,7 +121,11 @@ def open_clip_bpe_file() -> pathlib.Path:
 
 
 def _read_bpe_gz(path, specials) -> Vocabulary:
-  lines = gzip.open(path).read().decode('utf-8').split('\n')
+  try:
+    with gzip.open(path) as f:
+      lines = f.read().decode('utf-8').split('\n')
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise VocabularyError(f'{path}: not a readable gzipped merges file ({type(e).__name__}: {e})') from None
   return _vocabulary_from_merges(_merge_pairs(lines[1:1 + NUM_MERGES], path), specials, str(path))
 
 
@@ -131,12 +135,17 @@ def _read_folder(folder) -> Vocabulary:
   for path in (vocab_path, merges_path):
     if not path.is_file():
       raise VocabularyError(f'{path}: no such file (a CLIP tokenizer folder holds vocab.json and merges.txt)')
-  encoder = json.loads(vocab_path.read_text(encoding='utf-8'))
-  lines = [line for line in merges_path.read_text(encoding='utf-8').split('\n')[1:] if line]
+  try:
+    encoder = json.loads(vocab_path.read_text(encoding='utf-8'))
+    lines = [line for line in merges_path.read_text(encoding='utf-8').split('\n')[1:] if line]
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise VocabularyError(f'{folder}: unreadable vocab.json / merges.txt ({type(e).__name__}: {e})') from None
   merges = _merge_pairs(lines[:NUM_MERGES], merges_path)
-  missing = [s for s in OPENAI_SPECIALS if s not in encoder]
-  if missing:
-    raise VocabularyError(f'{vocab_path}: no {missing[0]!r} token')
+  symbols = byte_symbols()
+  needed = [*symbols, *(s + '</w>' for s in symbols), *(a + b for a, b in merges), *OPENAI_SPECIALS]
+  missing = next((name for name in needed if name not in encoder), None)
+  if missing is not None:
+    raise VocabularyError(f'{vocab_path}: no {missing!r} token')
   ranks = {pair: i for i, pair in enumerate(merges)}
   return Vocabulary(encoder, ranks, encoder[OPENAI_SPECIALS[0]], encoder[OPENAI_SPECIALS[1]], OPENAI_SPECIALS,
                     str(folder))
