@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import numpy as np
 
 from sfd_jax.clip import layers
 
