@@ -1,5 +1,5 @@
 """SD v1's CLIP text encoder against the official `get_learned_conditioning` outputs of the tiny
-SD fixture (tests/fixtures/ldm/README.md: hidden 32, 4 heads, MLP 64, 2 layers, quick GELU).
+SD fixture (tests/fixtures/ldm/README_sd_tiny_text.md: hidden 32, 4 heads, MLP 64, 2 layers, quick GELU).
 
 float32 tolerance: four times the official code's measured float32-vs-float64 gap on `cond`
 (8.4e-7, values up to 3.6); under x64 the port must match the float64 run to rounding."""
