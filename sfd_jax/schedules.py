@@ -191,14 +191,17 @@ SCHEDULES = Registry('schedule', {
     'polynomial': _polynomial,
     'logsnr': _logsnr,
     'time_uniform': _time_uniform,
-    'discrete': _discrete,
 })
+# Schedules that need the teacher's discrete VP table (`vp`); kept apart from SCHEDULES, whose
+# names every teacher accepts.
+TEACHER_SCHEDULES = Registry('schedule', {'discrete': _discrete})
 
 
 def validate_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rho=7.0):
   """Raises a one-line ValueError naming the bad argument; returns None when all are valid."""
-  if schedule_type not in SCHEDULES:
-    raise ValueError(f'schedule_type: unknown schedule {schedule_type!r}; valid: {sorted(SCHEDULES)}')
+  if schedule_type not in SCHEDULES and schedule_type not in TEACHER_SCHEDULES:
+    raise ValueError(f'schedule_type: unknown schedule {schedule_type!r}; valid: {sorted(SCHEDULES)} '
+                     f'(and {sorted(TEACHER_SCHEDULES)} with an LDM teacher)')
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
     raise ValueError(f'num_steps: need an integer >= 2 (time points, NFE + 1), got {num_steps!r}')
   if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
@@ -234,7 +237,9 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rh
   np_dtype = np.dtype(dtype)
   if np_dtype not in (np.float32, np.float64):
     raise ValueError(f'dtype: need float32 or float64, got {np_dtype}')
-  extra = {'vp': vp} if schedule_type == 'discrete' else {}
-  t_steps = SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max),
-                                     float(rho), np_dtype, **extra)
+  if schedule_type in TEACHER_SCHEDULES:
+    t_steps = TEACHER_SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max), float(rho),
+                                               np_dtype, vp=vp)
+  else:
+    t_steps = SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max), float(rho), np_dtype)
   return jnp.asarray(t_steps, dtype=np_dtype)

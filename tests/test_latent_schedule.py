@@ -61,7 +61,7 @@ def test_discrete_schedule_refusals(teacher):
     assert "\n" not in str(excinfo.value)
   with pytest.raises(ValueError, match="needs a teacher with a discrete VP table"):
     schedules.get_schedule(4, 0.006, 80.0, "discrete", 1)
-  assert "discrete" in schedules.SCHEDULES
+  assert "discrete" in schedules.TEACHER_SCHEDULES
 
 
 @pytest.mark.torch_reference
