@@ -74,8 +74,10 @@ def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.
 
   Returns:
     `denoise(variables, x, sigma, condition=None, step_condition=None,
-    unconditional_condition=None) -> D`; x and D NHWC latents [N, H, W, C], sigma a scalar or
-    [N], condition [N, L, context_dim] (or None), step_condition a number or [N].
+    unconditional_condition=None, *, train=False, dropout_rng=None) -> D`; x and D NHWC latents
+    [N, H, W, C], sigma a scalar or [N], condition [N, L, context_dim] (or None), step_condition a
+    number or [N]. `variables` needs only `['params']['model']['diffusion_model']`; `train` and
+    `dropout_rng` are accepted for the SFD step's student calls and ignored (dropout 0).
   """
   unet = _unet(config)
   guided = config.guidance_type == "classifier-free" and guidance_rate != 1.0
@@ -84,7 +86,9 @@ def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.
     params = {"params": variables["params"]["model"]["diffusion_model"]}
     return unet.apply(params, x_in, c_noise, condition, step)
 
-  def denoise(variables, x, sigma, condition=None, step_condition=None, unconditional_condition=None):
+  def denoise(variables, x, sigma, condition=None, step_condition=None, unconditional_condition=None, *,
+              train=False, dropout_rng=None):
+    del train, dropout_rng  # no dropout in these UNets (the SFD step passes them to every student)
     dt = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dt)
     n = x.shape[0]
