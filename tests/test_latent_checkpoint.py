@@ -216,6 +216,17 @@ def test_presets_and_yaml(config):
   assert "ldm-lsun-bedroom" in one_line_error(excinfo)
 
 
+def test_preset_parameter_counts():
+  """The presets' UNets have the published sizes (without SFD's step-condition layers): SD v1's
+  859,520,964 parameters, and the 274M the LDM paper reports for LDM-4 LSUN-Bedroom."""
+  def unet_size(arch):
+    shapes = expected_shapes(latent_config.resolve_arch(arch))
+    return sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("model.") and "nfe" not in k)
+
+  assert unet_size("sd-v1") == 859_520_964
+  assert round(unet_size("ldm-lsun-bedroom") / 1e6) == 274
+
+
 def test_ckpt_needs_arch():
   with pytest.raises(ValueError) as excinfo:
     load_teacher(CKPT)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sfd_jax.networks import layers as edm_layers
 from sfd_jax.networks.layers import GroupNorm, ModuleDict, module_kwargs  # noqa: F401 (re-exported)
 
 kw = module_kwargs
@@ -29,21 +30,12 @@ def torch_default_init(fan_in: int):
   return init
 
 
-class Linear(nn.Module):
-  """torch `nn.Linear`: weight `[out, in]`, optional bias."""
-
-  in_features: int
-  out_features: int
-  bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    init = torch_default_init(self.in_features)
-    w = self.param("weight", init, (self.out_features, self.in_features))
-    x = jnp.matmul(x, w.T.astype(x.dtype))
-    if self.bias:
-      x = x + self.param("bias", init, (self.out_features,)).astype(x.dtype)
-    return x
+def Linear(in_features: int, out_features: int, bias: bool = True):  # pylint: disable=invalid-name
+  """torch `nn.Linear` (weight `[out, in]`) as the EDM wing's `Linear`, with torch's default
+  initialisation: kaiming-uniform bounds sqrt(3/fan_in)·(1/sqrt(3)) = 1/sqrt(fan_in)."""
+  scale = 1 / math.sqrt(3)
+  return edm_layers.Linear(in_features=in_features, out_features=out_features, bias=bias,
+                           init_mode="kaiming_uniform", init_weight=scale, init_bias=scale)
 
 
 class Conv(nn.Module):
