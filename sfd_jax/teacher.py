@@ -11,7 +11,7 @@ import os
 from typing import Callable
 
 from sfd_jax.io import load_network
-from sfd_jax.latent import config as latent_config
+from sfd_jax.io import latent_converted
 from sfd_jax.latent.teacher import load_latent_teacher
 from sfd_jax.networks import NetworkConfig, make_denoise
 
@@ -37,14 +37,22 @@ class Teacher:
 _LATENT_SUFFIXES = (".ckpt", ".safetensors")
 
 
+def is_latent(path, arch=None) -> bool:
+  """Whether `path` (with `arch`) names a latent teacher: an architecture is given, the file is
+  an LDM / SD checkpoint, or the directory a converted latent teacher."""
+  path = os.fspath(path)
+  return (arch is not None or path.endswith(_LATENT_SUFFIXES)
+          or (os.path.isdir(path) and latent_converted.is_latent_converted(path)))
+
+
 def load_teacher(path, arch=None):
   """Loads a teacher from an EDM snapshot pickle, a converted directory or an SFD workdir, or
   (with `arch`) a latent teacher from an LDM / SD checkpoint.
 
   Args:
     path: the file or directory.
-    arch: None for EDM formats; for `.ckpt` / `.safetensors` checkpoints a preset name
-      (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`) or an LDM yaml path.
+    arch: None for EDM formats and converted latent teachers; for `.ckpt` / `.safetensors`
+      checkpoints a preset name (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`) or an LDM yaml path.
 
   Returns:
     The `Teacher` (EDM), or a `LatentTeacher` with `.denoise(params, x, sigma, condition=None,
@@ -55,10 +63,7 @@ def load_teacher(path, arch=None):
     ValueError: a one-line message naming `path` (unknown format, refused or corrupt
       pickle, state dict not fitting the network config).
   """
-  if arch is not None or os.fspath(path).endswith(_LATENT_SUFFIXES):
-    if arch is None:
-      raise ValueError(f"{os.fspath(path)}: an LDM / SD checkpoint needs arch (a preset: "
-                       f"{', '.join(sorted(latent_config.PRESETS))}, or an LDM yaml path)")
+  if is_latent(path, arch):
     return load_latent_teacher(path, arch)
   config, variables = load_network(path)
   return Teacher(config=config, params=variables, denoise=make_denoise(config), source=os.fspath(path))

@@ -231,3 +231,28 @@ def test_ckpt_needs_arch():
   with pytest.raises(ValueError) as excinfo:
     load_teacher(CKPT)
   assert "needs arch" in one_line_error(excinfo)
+
+
+def test_convert_to_a_directory(tmp_path, state_dict):
+  """`python -m sfd_jax.convert --arch=...`: the converted directory loads without arch or the
+  checkpoint, with the same raw and LitEma weights."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from sfd_jax import convert  # pylint: disable=g-import-not-at-top
+  shadows = {ema_name(k): v * np.float32(0.5) for k, v in state_dict.items() if k.startswith("model.diffusion_model.")}
+  src = tmp_path / "with_ema.safetensors"
+  save_file({**state_dict, **shadows}, str(src))
+  dst = tmp_path / "teacher"
+  assert convert.main([f"--src={src}", f"--dst={dst}", f"--arch={YAML}"]) == 0
+  original, converted = load_teacher(src, arch=YAML), load_teacher(dst)
+  assert converted.config == original.config and converted.has_ema
+  for attr in ("params", "raw_params"):
+    a, b = flatten(getattr(original, attr)), flatten(getattr(converted, attr))
+    assert set(a) == set(b)
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=f"{attr} {name}")
+  with pytest.raises(ValueError) as excinfo:
+    load_teacher(dst, arch=YAML)
+  assert "names its own architecture" in one_line_error(excinfo)
+  with pytest.raises(SystemExit) as exit_info:  # one line on stderr, exit status 2
+    convert.main([f"--src={CKPT}", f"--dst={tmp_path / 'x.pt'}", f"--arch={YAML}"])
+  assert exit_info.value.code == 2

@@ -3,7 +3,7 @@
 `config.py` (architectures, presets, yaml), `unet.py` (UNetModel with SFD's step condition),
 `autoencoder.py` (first-stage decoders), `vp.py` (the discrete VP table: sigma, sigma_inv),
 `model.py` (init, `make_denoise` = CFGPrecond, `make_decode`), `state_dict.py` (checkpoint names
-↔ variables, LitEma shadows), `teacher.py` (`LatentTeacher`, `load_latent_teacher`).
+↔ variables, LitEma shadows), `teacher.py` (`LatentTeacher`, `load_latent_teacher`, `convert_latent_teacher`).
 """
 from sfd_jax.latent.config import PRESETS, FirstStageConfig, LatentConfig, UNetConfig, resolve_arch
 from sfd_jax.latent.model import init_variables, make_decode, make_denoise, make_unet

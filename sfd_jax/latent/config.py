@@ -203,3 +203,26 @@ def resolve_arch(arch) -> LatentConfig:
       raise FileNotFoundError(f"{arch}: no such file")
     return load_yaml_config(arch)
   raise ValueError(f"arch: unknown preset {arch!r}; valid: {sorted(PRESETS)} or an LDM yaml path")
+
+
+def config_to_dict(config: LatentConfig) -> dict:
+  """A JSON-ready dict of `config` (inverse: `config_from_dict`)."""
+  return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict) -> LatentConfig:
+  """The `LatentConfig` that `config_to_dict` wrote.
+
+  Raises:
+    ValueError: unknown or missing fields (one line).
+  """
+  def build(cls, fields):
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return cls(**tuples)
+
+  try:
+    data = dict(data)
+    unet, first_stage = build(UNetConfig, data.pop("unet")), build(FirstStageConfig, data.pop("first_stage"))
+    return LatentConfig(unet=unet, first_stage=first_stage, **data)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"not a latent teacher config ({e})") from None

@@ -107,7 +107,7 @@ def _fill_missing(config, given, expected, rng, source):
   return {name: fresh[name] for name in missing}
 
 
-def _ema_tree(config, flat_params, ema, source):
+def _ema_tree(flat_params, ema, source):
   """The parameters with each UNet weight replaced by its LitEma shadow."""
   by_shadow = {ema_name(n): n for n in flat_params if n.startswith(UNET_PREFIX)}
   if len(by_shadow) != sum(n.startswith(UNET_PREFIX) for n in flat_params):
@@ -123,7 +123,6 @@ def _ema_tree(config, flat_params, ema, source):
       out[name] = ema[shadow]
     elif not is_step_condition_name(name):
       _refuse(source, f"missing key {shadow!r} (the EMA shadow of {name!r})")
-  del config
   return out
 
 
@@ -157,7 +156,7 @@ def state_dict_to_variables(config: LatentConfig, state_dict, rng=None, *, sourc
   def tree(flat_params):
     return {"params": nest({k: jnp.asarray(v, jnp.float32) for k, v in flat_params.items()}), "buffers": buffers}
 
-  ema_variables = tree(_ema_tree(config, flat, ema, source)) if ema else None
+  ema_variables = tree(_ema_tree(flat, ema, source)) if ema else None
   return tree(flat), ema_variables
 
 

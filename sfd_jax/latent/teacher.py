@@ -7,8 +7,11 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
+import jax
+
+from sfd_jax.io import latent_converted
 from sfd_jax.io.ldm_checkpoint import read_checkpoint
-from sfd_jax.latent.config import LatentConfig, resolve_arch
+from sfd_jax.latent.config import PRESETS, LatentConfig, resolve_arch
 from sfd_jax.latent.model import make_decode, make_denoise
 from sfd_jax.latent.state_dict import state_dict_to_variables
 from sfd_jax.latent.vp import VPDiscrete
@@ -63,19 +66,45 @@ def build_teacher(config: LatentConfig, state_dict, source: str = "<state dict>"
                        has_ema=ema is not None)
 
 
-def load_latent_teacher(path, arch, guidance_rate: float = 1.0, rng: Optional[object] = None) -> LatentTeacher:
-  """Loads an LDM / SD checkpoint (`.ckpt` or `.safetensors`) with the architecture `arch`.
+def read_latent_teacher(path, arch=None) -> tuple:
+  """(config, state_dict) of an LDM / SD checkpoint with architecture `arch`, or of a converted
+  latent-teacher directory (which names its own architecture; `arch` must then be None)."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and latent_converted.is_latent_converted(path):
+    if arch is not None:
+      raise ValueError(f"{path}: a converted latent teacher names its own architecture; drop arch={arch!r}")
+    return latent_converted.load_latent_converted(path)
+  if arch is None:
+    raise ValueError(f"{path}: an LDM / SD checkpoint needs arch (a preset: {', '.join(sorted(PRESETS))}, "
+                     "or an LDM yaml path)")
+  return resolve_arch(arch), read_checkpoint(path)
+
+
+def load_latent_teacher(path, arch=None, guidance_rate: float = 1.0, rng: Optional[object] = None) -> LatentTeacher:
+  """Loads an LDM / SD checkpoint (`.ckpt` or `.safetensors`) with the architecture `arch`, or a
+  converted latent-teacher directory.
 
   Args:
-    path: the checkpoint.
-    arch: a preset name (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`), an LDM yaml path or a `LatentConfig`.
+    path: the checkpoint or converted directory.
+    arch: a preset name (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`), an LDM yaml path or a
+      `LatentConfig`; None for a converted directory.
     guidance_rate: classifier-free guidance of `denoise` (1: conditional only).
     rng: key for step-condition layers the checkpoint lacks (default key 0).
 
   Raises:
-    FileNotFoundError: no such checkpoint or yaml.
+    FileNotFoundError: no such checkpoint, directory or yaml.
     ValueError: one line: unknown preset, refused/corrupt file, or a state dict not fitting `arch`.
   """
-  config = resolve_arch(arch)
-  path = os.fspath(path)
-  return build_teacher(config, read_checkpoint(path), source=path, guidance_rate=guidance_rate, rng=rng)
+  config, state_dict = read_latent_teacher(path, arch)
+  return build_teacher(config, state_dict, source=os.fspath(path), guidance_rate=guidance_rate, rng=rng)
+
+
+def convert_latent_teacher(src, dst, arch=None) -> str:
+  """Converts an LDM / SD checkpoint (or converted directory) into a new converted directory;
+  returns a one-line description."""
+  config, state_dict = read_latent_teacher(src, arch)
+  raw, ema = state_dict_to_variables(config, state_dict, source=os.fspath(src))
+  latent_converted.save_latent_converted(dst, config, raw, ema)
+  unet = raw["params"]["model"]["diffusion_model"]
+  count = sum(int(leaf.size) for leaf in jax.tree.leaves(unet))
+  return f"wrote {dst} (latent teacher, UNet {count:,} parameters{', with LitEma weights' if ema else ''})"
