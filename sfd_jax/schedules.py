@@ -27,6 +27,13 @@ the machine and are themselves within 1 ulp of the correctly rounded value. What
   training device, the rest on the CPU), so no single official float32 schedule exists here.
 
 float64 computes the closed forms of SPEC section 3 in double precision (no official quirks).
+
+discrete (LDM-style teachers with a discrete VP table; needs the teacher's `vp`, see
+`sfd_jax.latent.vp`): t uniform between t_max = sigma_inv(sigma_max) and t_min =
+sigma_inv(sigma_min), then sigma(t), in the official float32 arithmetic (`vp.sigma_np`). Only
+rho = 1 is accepted: the official formula raises t_min but not t_max to 1/rho, so for rho != 1
+the SFD student's re-derived 2-point schedule starts far from t_cur and turns NaN below the
+table (tests/fixtures/ldm/README.md).
 """
 import math
 
@@ -162,17 +169,39 @@ def _time_uniform(num_steps, sigma_min, sigma_max, rho, dtype):
   return np.sqrt(np.exp(exponent) - one)
 
 
+def _discrete(num_steps, sigma_min, sigma_max, rho, dtype, vp=None):
+  """Uniform in the teacher's discrete time: t_i = t_max + i/(N-1) (t_min - t_max), sigma(t_i)."""
+  if vp is None:
+    raise ValueError("schedule_type: 'discrete' needs a teacher with a discrete VP table "
+                     "(an LDM / SD teacher); pass its `vp`")
+  if rho != 1:
+    raise ValueError(f"rho: the discrete schedule needs rho = 1, got {rho!r} (the official formula does not raise "
+                     "t_max to 1/rho, so the student's per-step schedules would start far from t_cur and turn NaN)")
+  if dtype != np.float32:
+    raise ValueError('dtype: the discrete schedule is float32 (the teacher\'s VP table is float32)')
+  f32 = np.float32
+  t_min = vp.sigma_inv_np(np.asarray([sigma_min], f32))
+  t_max = vp.sigma_inv_np(np.asarray([sigma_max], f32))
+  # torch divides the int64 arange by the Python int in float32 (both exact there).
+  frac = np.arange(num_steps).astype(f32) / f32(num_steps - 1)
+  return vp.sigma_np(t_max + frac * (t_min - t_max))
+
+
 SCHEDULES = Registry('schedule', {
     'polynomial': _polynomial,
     'logsnr': _logsnr,
     'time_uniform': _time_uniform,
 })
+# Schedules that need the teacher's discrete VP table (`vp`); kept apart from SCHEDULES, whose
+# names every teacher accepts.
+TEACHER_SCHEDULES = Registry('schedule', {'discrete': _discrete})
 
 
 def validate_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rho=7.0):
   """Raises a one-line ValueError naming the bad argument; returns None when all are valid."""
-  if schedule_type not in SCHEDULES:
-    raise ValueError(f'schedule_type: unknown schedule {schedule_type!r}; valid: {sorted(SCHEDULES)}')
+  if schedule_type not in SCHEDULES and schedule_type not in TEACHER_SCHEDULES:
+    raise ValueError(f'schedule_type: unknown schedule {schedule_type!r}; valid: {sorted(SCHEDULES)} '
+                     f'(and {sorted(TEACHER_SCHEDULES)} with an LDM teacher)')
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
     raise ValueError(f'num_steps: need an integer >= 2 (time points, NFE + 1), got {num_steps!r}')
   if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
@@ -182,7 +211,7 @@ def validate_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial
 
 
 def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rho=7.0,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, vp=None):
   """Returns the noise levels of a sampling schedule, from sigma_max down to sigma_min.
 
   Args:
@@ -190,21 +219,27 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', rh
     sigma_min: last noise level (> 0).
     sigma_max: first noise level (> sigma_min).
     schedule_type: 'polynomial' (EDM, exponent `rho`), 'logsnr' (uniform in log sigma) or
-      'time_uniform' (uniform VP-SDE time with exponent `rho`, mapped to sigma).
+      'time_uniform' (uniform VP-SDE time with exponent `rho`, mapped to sigma), or 'discrete'
+      (uniform in an LDM teacher's discrete time; rho must be 1; needs `vp`).
     rho: the exponent of the 'polynomial' and 'time_uniform' schedules.
     dtype: float32 (the official arithmetic) or float64 (needs `jax_enable_x64`).
+    vp: the teacher's `sfd_jax.latent.vp.VPDiscrete` (only for 'discrete').
 
   Returns:
     A `[num_steps]` array of `dtype`, descending; t_0 = sigma_max and t_{N-1} = sigma_min up to
     rounding (float32 gives t_0 = 79.999985 for sigma_max = 80, as the official code does).
 
   Raises:
-    ValueError: unknown schedule_type, num_steps < 2, or invalid sigmas / rho.
+    ValueError: unknown schedule_type, num_steps < 2, invalid sigmas / rho, or 'discrete'
+      without `vp` or with rho != 1.
   """
   validate_schedule(num_steps, sigma_min, sigma_max, schedule_type, rho)
   np_dtype = np.dtype(dtype)
   if np_dtype not in (np.float32, np.float64):
     raise ValueError(f'dtype: need float32 or float64, got {np_dtype}')
-  t_steps = SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max),
-                                     float(rho), np_dtype)
+  if schedule_type in TEACHER_SCHEDULES:
+    t_steps = TEACHER_SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max), float(rho),
+                                               np_dtype, vp=vp)
+  else:
+    t_steps = SCHEDULES[schedule_type](int(num_steps), float(sigma_min), float(sigma_max), float(rho), np_dtype)
   return jnp.asarray(t_steps, dtype=np_dtype)

@@ -37,7 +37,7 @@ class Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def make_plan(settings: DistillSettings) -> Plan:
+def make_plan(settings: DistillSettings, vp=None) -> Plan:
   """Builds the schedules of one SFD iteration (float32, as the official code).
 
   The student's step i re-derives a 2-point schedule between t_i and t_{i+1} (the official
@@ -46,19 +46,20 @@ def make_plan(settings: DistillSettings) -> Plan:
 
   Args:
     settings: the distillation settings.
+    vp: the teacher's discrete VP table, for schedules that need one ('discrete'); else None.
 
   Returns:
     The `Plan` (Python floats, so it is a trace-time constant).
   """
   with jax.ensure_compile_time_eval():  # concrete values even when called while tracing
-    return _make_plan(settings)
+    return _make_plan(settings, vp)
 
 
-def _make_plan(settings: DistillSettings) -> Plan:
+def _make_plan(settings: DistillSettings, vp) -> Plan:
   n = settings.num_steps
   num_teacher = (settings.M + 1) * (n - 1) + 1
   sched = lambda k, lo, hi: np.asarray(schedules.get_schedule(
-      k, lo, hi, schedule_type=settings.schedule_type, rho=settings.schedule_rho), np.float32)
+      k, lo, hi, schedule_type=settings.schedule_type, rho=settings.schedule_rho, vp=vp), np.float32)
   t_steps = sched(n, settings.sigma_min, settings.sigma_max)
   teacher_t = sched(num_teacher, settings.sigma_min, settings.sigma_max)
   inner = tuple(tuple(float(v) for v in sched(2, float(t_steps[i + 1]), float(t_steps[i])))
@@ -157,7 +158,7 @@ def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denois
     class_labels: `[B, label_dim]` one-hot, or None.
     denoisers: the networks; `teacher_low` runs first when `opts.precision` is low.
     solve: `teacher_solver(settings)`.
-    plan: `make_plan(settings)`.
+    plan: `make_plan(settings, vp)`.
     opts: precision and micro-batching (the teacher runs one micro-batch at a time).
     debug: also return the whole trajectory.
 
@@ -384,7 +385,7 @@ class StepPrograms(NamedTuple):
 
 def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions = StepOptions(),
               *, mesh=None, data_axis: str = 'data', last_interval_loss: Optional[Callable] = None,
-              targets_fn: Optional[Callable] = None, debug: bool = False):
+              targets_fn: Optional[Callable] = None, vp=None, debug: bool = False):
   """The SFD step: one donated `TrainState` in, the new state and a fixed metrics dict out.
 
   Two jitted programs do the work: the teacher stage (compiled once per `settings`, i.e. per
@@ -404,6 +405,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       (the second stage: batch-mean LPIPS); `loss_params` is the step's last argument. It must
       be a batch mean of per-image values: each micro-batch adds its own mean · its size, which
       sums to the whole batch's mean · out.size.
+    vp: the teacher's discrete VP table (`LatentTeacher.vp`) for the 'discrete' schedule; else None.
     targets_fn: optional `fn(teacher_denoise, teacher_variables, latents, class_labels, plan,
       settings) -> (targets [num_steps-1, b, ...], trajectory [T, b, ...])` replacing the teacher
       stage (the second stage's Euler teacher). It gets the float32 teacher in every precision
@@ -442,10 +444,10 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   def teacher(settings: DistillSettings):
     if settings not in teachers:
       fn = functools.partial(teacher_stage, denoisers=denoisers, solve=teacher_solver(settings),
-                             plan=make_plan(settings), opts=opts, debug=debug)
+                             plan=make_plan(settings, vp), opts=opts, debug=debug)
       if targets_fn is not None:
         fn = functools.partial(_custom_targets, targets_fn=targets_fn, denoisers=denoisers,
-                               plan=make_plan(settings), settings=settings, opts=opts, debug=debug)
+                               plan=make_plan(settings, vp), settings=settings, opts=opts, debug=debug)
       n = settings.num_steps - 1
       teachers[settings] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
     return teachers[settings]
@@ -458,7 +460,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
 
   def step(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr, settings: DistillSettings,
            loss_params=None):
-    plan = make_plan(settings)
+    plan = make_plan(settings, vp)
     targets, traj, teacher_redo = teacher(settings)(teacher_variables, latents, class_labels)
     times = interval_times(plan)
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
@@ -489,7 +491,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     lowered = {f'teacher(num_steps={settings.num_steps})':
                teacher(settings).lower(teacher_variables, latents, class_labels)}
     targets = jax.eval_shape(teacher(settings), teacher_variables, latents, class_labels)[0]
-    times = interval_times(make_plan(settings))
+    times = interval_times(make_plan(settings, vp))
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     for i, (afs, last) in enumerate(interval_kinds(settings)):
       name = 'interval' + (' (afs)' if afs else '') + (' (last)' if last else '')

@@ -7,7 +7,7 @@ SFD training workdir (a distilled student, e.g. the second stage's teacher).
 import os
 
 from sfd_jax import checkpoint
-from sfd_jax.io import converted, edm_pickle, torch_files
+from sfd_jax.io import converted, edm_pickle, latent_converted, torch_files
 from sfd_jax.networks import NetworkConfig, state_dict_to_variables, variables_to_state_dict
 
 
@@ -56,10 +56,17 @@ def export_state_dict(variables: dict, path) -> None:
   torch_files.save_state_dict(variables_to_state_dict(variables), path)
 
 
-def convert_network(src, dst) -> str:
+def convert_network(src, dst, arch=None) -> str:
   """Converts `src` (any format `load_network` reads) into `dst`: a new converted directory, or
-  an EDM-named `.pt` when `dst` ends in `.pt`; returns a one-line description."""
+  an EDM-named `.pt` when `dst` ends in `.pt`; returns a one-line description. With `arch`, or
+  for an LDM / SD `.ckpt` / `.safetensors`, `src` is a latent teacher and `dst` a new converted
+  latent-teacher directory."""
   from sfd_jax.networks import count_params  # pylint: disable=g-import-not-at-top
+  from sfd_jax.latent import teacher as latent_teacher  # pylint: disable=g-import-not-at-top
+  if arch is not None or os.fspath(src).endswith((".ckpt", ".safetensors")) or latent_converted.is_latent_converted(src):
+    if str(dst).endswith(".pt"):
+      raise ValueError(f"{dst}: latent teachers convert to a directory only (no .pt export)")
+    return latent_teacher.convert_latent_teacher(src, dst, arch)
   config, variables = load_network(src)
   if str(dst).endswith(".pt"):
     export_state_dict(variables, dst)

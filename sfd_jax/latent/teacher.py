@@ -1,0 +1,110 @@
+"""A frozen latent teacher: `load_latent_teacher(path, arch)` → `LatentTeacher`.
+
+The teacher runs with the LitEma weights when the checkpoint has them (the official teacher
+denoises inside `ema_scope()`); `raw_params` are the trained weights a student starts from.
+"""
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import jax
+
+from sfd_jax.io import latent_converted
+from sfd_jax.io.ldm_checkpoint import read_checkpoint
+from sfd_jax.latent.config import PRESETS, LatentConfig, resolve_arch
+from sfd_jax.latent.model import make_decode, make_denoise
+from sfd_jax.latent.state_dict import state_dict_to_variables
+from sfd_jax.latent.vp import VPDiscrete
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentTeacher:
+  """A latent diffusion teacher.
+
+  Attributes:
+    config: the architecture.
+    params: the teacher's variables (LitEma weights if the checkpoint has them, else raw).
+    raw_params: the checkpoint's raw (trained) weights: the student's starting point.
+    denoise: `denoise(params, x, sigma, condition=None, step_condition=None,
+      unconditional_condition=None)`: CFGPrecond's D(x; sigma) on NHWC latents.
+    decode: `decode(params, z)`: NHWC latents → NHWC images in about [-1, 1], unclamped.
+    vp: the discrete VP table (sigma, sigma_inv).
+    sigma_min: the official sampling sigma_min (LDM 0.006, SD 0.1).
+    sigma_max: sigma(1), float32 as the official code computes it.
+    source: the checkpoint path.
+    has_ema: whether the checkpoint held LitEma shadows.
+  """
+
+  config: LatentConfig
+  params: dict
+  raw_params: dict
+  denoise: Callable
+  decode: Callable
+  vp: VPDiscrete
+  sigma_min: float
+  sigma_max: float
+  source: str
+  has_ema: bool = False
+
+  def sigma(self, t):
+    """sigma(t) (traced, float32)."""
+    return self.vp.sigma_jnp(t)
+
+  def sigma_inv(self, sigma):
+    """sigma_inv(sigma) (traced, float32)."""
+    return self.vp.sigma_inv_jnp(sigma)
+
+
+def build_teacher(config: LatentConfig, state_dict, source: str = "<state dict>", guidance_rate: float = 1.0,
+                  rng=None) -> LatentTeacher:
+  """A `LatentTeacher` from a state dict already in memory (see `state_dict_to_variables`)."""
+  raw, ema = state_dict_to_variables(config, state_dict, rng, source=source)
+  vp = VPDiscrete.from_alphas_cumprod(raw["buffers"]["alphas_cumprod"])
+  return LatentTeacher(config=config, params=ema if ema is not None else raw, raw_params=raw,
+                       denoise=make_denoise(config, vp, guidance_rate), decode=make_decode(config), vp=vp,
+                       sigma_min=config.sigma_min, sigma_max=float(vp.sigma_np(1.0)), source=source,
+                       has_ema=ema is not None)
+
+
+def read_latent_teacher(path, arch=None) -> tuple:
+  """(config, state_dict) of an LDM / SD checkpoint with architecture `arch`, or of a converted
+  latent-teacher directory (which names its own architecture; `arch` must then be None)."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and latent_converted.is_latent_converted(path):
+    if arch is not None:
+      raise ValueError(f"{path}: a converted latent teacher names its own architecture; drop arch={arch!r}")
+    return latent_converted.load_latent_converted(path)
+  if arch is None:
+    raise ValueError(f"{path}: an LDM / SD checkpoint needs arch (a preset: {', '.join(sorted(PRESETS))}, "
+                     "or an LDM yaml path)")
+  return resolve_arch(arch), read_checkpoint(path)
+
+
+def load_latent_teacher(path, arch=None, guidance_rate: float = 1.0, rng: Optional[object] = None) -> LatentTeacher:
+  """Loads an LDM / SD checkpoint (`.ckpt` or `.safetensors`) with the architecture `arch`, or a
+  converted latent-teacher directory.
+
+  Args:
+    path: the checkpoint or converted directory.
+    arch: a preset name (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`), an LDM yaml path or a
+      `LatentConfig`; None for a converted directory.
+    guidance_rate: classifier-free guidance of `denoise` (1: conditional only).
+    rng: key for step-condition layers the checkpoint lacks (default key 0).
+
+  Raises:
+    FileNotFoundError: no such checkpoint, directory or yaml.
+    ValueError: one line: unknown preset, refused/corrupt file, or a state dict not fitting `arch`.
+  """
+  config, state_dict = read_latent_teacher(path, arch)
+  return build_teacher(config, state_dict, source=os.fspath(path), guidance_rate=guidance_rate, rng=rng)
+
+
+def convert_latent_teacher(src, dst, arch=None) -> str:
+  """Converts an LDM / SD checkpoint (or converted directory) into a new converted directory;
+  returns a one-line description."""
+  config, state_dict = read_latent_teacher(src, arch)
+  raw, ema = state_dict_to_variables(config, state_dict, source=os.fspath(src))
+  latent_converted.save_latent_converted(dst, config, raw, ema)
+  unet = raw["params"]["model"]["diffusion_model"]
+  count = sum(int(leaf.size) for leaf in jax.tree.leaves(unet))
+  return f"wrote {dst} (latent teacher, UNet {count:,} parameters{', with LitEma weights' if ema else ''})"
