@@ -179,6 +179,9 @@ def _latent_models(run: RunConfig) -> Models:
                      '(a preset: ldm-lsun-bedroom, ldm-ffhq, sd-v1; or an LDM yaml path)')
   teacher = load_latent_teacher(run.teacher, run.teacher_arch or None, rng=jax.random.key(run.train.seed))
   config = teacher.config
+  if config.conditioning_key:
+    raise ValueError(f'config.teacher={run.teacher}: a text-conditioned ({config.conditioning_key}) teacher needs '
+                     'prompts, which the training loop does not draw yet; unconditional LDM teachers only')
   _check_fit(run, latent_student.image_shape(config)[0], 0)
   _check_latent_settings(run, teacher)
   variables = latent_student.student_variables(teacher.raw_params)

@@ -187,3 +187,35 @@ def test_cli_errors_are_one_line(tmp_path, cache_dir, extra, expected):
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and expected in lines[0], result.stderr
   assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_sample_cli_sfdv_latent_student_takes_num_steps(teacher, tmp_path):
+  """An SFD-v latent student (a checkpoint written with the training helpers) samples any num_steps,
+  fed to its UNet as the step condition: same images as the second path with step_condition=5,
+  other images than without it."""
+  from sfd_jax import checkpoint, images, sample, sampling, schedules
+  from sfd_jax.config_types import SamplingSettings
+  from sfd_jax.latent.config import config_to_dict
+  from sfd_jax.latent.model import make_denoise
+  from sfd_jax.latent.student import student_variables
+  variables = student_variables(teacher.raw_params)
+  settings = SamplingSettings(num_steps=4, schedule_type='discrete', schedule_rho=1.0, afs=True,
+                              sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, use_step_condition=True)
+  manager = checkpoint.make_manager(tmp_path / 'run')
+  checkpoint.save(manager, 1, variables['params'], variables['buffers'], {'count': np.zeros((), np.int32)},
+                  dict(latent_network=config_to_dict(teacher.config), settings=settings.to_dict()))
+  manager.wait_until_finished()
+  manager.close()
+  out = tmp_path / 's.npz'
+  assert sample.main(['--student', str(tmp_path / 'run'), '--seeds', '5,6', '--num_steps', '5', '--batch', '8',
+                      '--npz', str(out), '--noprogress']) == 0
+  unet = make_denoise(teacher.config, teacher.vp)
+  t_steps = schedules.get_schedule(5, teacher.sigma_min, teacher.sigma_max, 'discrete', 1.0, vp=teacher.vp)
+
+  def images_with(step_condition):
+    den = lambda v, x, s, c: unet(v, x, s, step_condition=step_condition)
+    return images.to_uint8(sampling.generate(den, (16, 16, 3), [5, 6], t_steps=t_steps, solver='euler', afs=True,
+                                             variables=teacher.raw_params, batch_size=8, decode_fn=teacher.decode))
+  got = np.load(out)['arr_0']
+  np.testing.assert_array_equal(got, images_with(5))
+  assert np.mean(got != images_with(None)) > 0.1
