@@ -175,6 +175,25 @@ def test_sample_cli_decodes_the_student_latents(reference_run, teacher, tmp_path
   np.testing.assert_array_equal(data['arr_0'], images.to_uint8(ref))
 
 
+@pytest.mark.slow
+def test_sfdv_run_trains_the_step_condition(tmp_path, cache_dir, teacher):
+  """SFD-v through the CLI (one iteration): num_steps drawn from 4..7, the step-condition layers
+  get gradients, and the student is stored as an SFD-v student."""
+  from sfd_jax.checkpoint import load_student
+  workdir = tmp_path / 'sfdv'
+  # Seed 1 draws num_steps 4 first: the teacher program is the SFD run's (compiled once, cached).
+  result = run_cli(workdir, cache_dir, '--config.distill.use_step_condition=True', '--config.train.seed=1',
+                   f'--config.train.total_kimg={BATCH / 1000}', '--config.train.grid_size=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  (line,) = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert len(line['loss']) == 3 and np.all(np.isfinite(line['loss']))
+  config, variables, settings = load_student(workdir)
+  assert settings.use_step_condition and settings.schedule_type == 'discrete'
+  raw, params = flat(teacher.raw_params['params']), flat(variables['params'])
+  nfe = [n for n in params if 'nfe' in n]
+  assert nfe and all(not np.array_equal(params[n], raw[n]) for n in nfe)
+
+
 @pytest.mark.parametrize('extra, expected', [
     (['--config.teacher_arch='], 'needs --config.teacher_arch'),
     (['--config.distill.sigma_max=80'], 'config.distill.sigma_max=80.0 but the latent teacher'),
