@@ -177,6 +177,9 @@ def _latent_models(run: RunConfig) -> Models:
   if not run.teacher_arch and not os.path.isdir(run.teacher):
     raise ValueError(f'config.teacher={run.teacher}: an LDM / SD checkpoint needs --config.teacher_arch '
                      '(a preset: ldm-lsun-bedroom, ldm-ffhq, sd-v1; or an LDM yaml path)')
+  if run.teacher_arch and os.path.isdir(run.teacher):
+    raise ValueError(f'config.teacher={run.teacher}: a converted teacher directory names its own architecture; '
+                     f'pass --config.teacher_arch= (empty) instead of {run.teacher_arch!r}')
   teacher = load_latent_teacher(run.teacher, run.teacher_arch or None, rng=jax.random.key(run.train.seed))
   config = teacher.config
   if config.conditioning_key:

@@ -238,3 +238,14 @@ def test_sample_cli_sfdv_latent_student_takes_num_steps(teacher, tmp_path):
   got = np.load(out)['arr_0']
   np.testing.assert_array_equal(got, images_with(5))
   assert np.mean(got != images_with(None)) > 0.1
+
+
+def test_converted_teacher_directory_takes_no_arch(tmp_path, cache_dir):
+  """A converted latent teacher names its own architecture: the config's preset is refused in one line."""
+  from sfd_jax.latent.teacher import convert_latent_teacher
+  converted = tmp_path / 'converted'
+  convert_latent_teacher(CKPT, converted, arch=YAML)
+  result = run_cli(tmp_path / 'w', cache_dir, f'--config.teacher={converted}', timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and 'names its own architecture; pass --config.teacher_arch= (empty)' in lines[0], lines
