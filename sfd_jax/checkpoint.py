@@ -135,14 +135,14 @@ def load_student(path) -> Student:
     path: a training workdir, its `checkpoints/` directory, or one checkpoint step directory.
 
   Returns:
-    `Student(config, variables, sampling)`: the `NetworkConfig`, variables {'params',
-    'buffers'} as numpy arrays, and the `SamplingSettings` stored with the checkpoint.
+    `Student(config, variables, sampling)`: the `NetworkConfig` (a latent teacher's student: its
+    `LatentConfig`), variables {'params', 'buffers'} as numpy arrays, and the `SamplingSettings`
+    stored with the checkpoint.
 
   Raises:
     FileNotFoundError: one line naming the path when there is no complete checkpoint.
     ValueError: one line naming the checkpoint when its stored settings are not valid.
   """
-  from sfd_jax.networks import NetworkConfig  # networks are only needed here, not for saving
   root, step = _resolve(path)
   handlers = dict(params=ocp.StandardCheckpointHandler(), buffers=ocp.StandardCheckpointHandler(),
                   meta=ocp.JsonCheckpointHandler())
@@ -154,4 +154,16 @@ def load_student(path) -> Student:
   meta = out['meta']
   variables = {name: jax.tree.map(np.asarray, out[name]) if name in on_host else {} for name in ('params', 'buffers')}
   sampling = SamplingSettings.from_dict(meta['settings'], where=f'{root / str(step)}:settings')
-  return Student(NetworkConfig.from_dict(meta['network']), variables, sampling)
+  return Student(_network_config(meta, root / str(step)), variables, sampling)
+
+
+def _network_config(meta: dict, where):
+  """The student's network config from the checkpoint meta: `network` (EDM) or `latent_network`."""
+  if 'latent_network' in meta:
+    from sfd_jax.latent.config import config_from_dict  # networks are only needed here, not for saving
+    try:
+      return config_from_dict(meta['latent_network'])
+    except ValueError as e:
+      raise ValueError(f'{where}:latent_network: {e}') from None
+  from sfd_jax.networks import NetworkConfig  # networks are only needed here, not for saving
+  return NetworkConfig.from_dict(meta['network'])

@@ -103,6 +103,8 @@ class TrainSettings:
 class RunConfig:
   """The whole run, typed."""
   teacher: str = ''                   # EDM snapshot pickle, converted directory or SFD workdir (required)
+  teacher_arch: str = ''              # latent teacher .ckpt/.safetensors: preset (ldm-lsun-bedroom, ...) or LDM yaml;
+                                      #   '' = EDM formats and converted (latent) teacher directories
   dataset_name: str = 'cifar10'       # informational; recorded with the student
   img_resolution: int = 0             # expected teacher resolution (checked at load); 0 accepts any
   label_dim: int = -1                 # expected teacher label dimension (checked at load); < 0 accepts any

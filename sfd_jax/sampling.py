@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sfd_jax import images as images_lib
 from sfd_jax import schedules, solvers
 from sfd_jax.config_types import SamplingSettings
+from sfd_jax.latent.config import LatentConfig
 
 _MAX_SEED = 2 ** 31 - 1
 # `--grid` shows at most this many images (the first seeds).
@@ -62,7 +63,12 @@ def _batch_classes(seeds, num_classes, class_idx):
   return seed_classes(seeds, num_classes)
 
 
-def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, class_idx, mesh):
+def _identity(variables, x):
+  del variables
+  return x
+
+
+def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, class_idx, mesh, decode_fn):
   """Jitted `(variables, seeds) -> (images, classes)` with the batch sharded over `mesh`."""
   data = NamedSharding(mesh, P('data'))
 
@@ -71,7 +77,7 @@ def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, 
     classes = _batch_classes(seeds, num_classes, class_idx)
     labels = None if classes is None else jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)
     denoise = lambda x, sigma: denoise_fn(variables, x, sigma, labels)
-    out = solvers.sample(denoise, latents, t_steps, solver, **solver_opts)
+    out = decode_fn(variables, solvers.sample(denoise, latents, t_steps, solver, **solver_opts))
     return out, (jnp.zeros(seeds.shape, jnp.int32) if classes is None else classes)
 
   return jax.jit(run, in_shardings=(NamedSharding(mesh, P()), data), out_shardings=(data, data))
@@ -79,7 +85,7 @@ def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, 
 
 def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', variables=None,
                      batch_size=64, num_classes=0, class_idx=None, devices=None, progress=False,
-                     **solver_opts):
+                     decode_fn=None, **solver_opts):
   """Samples the given seeds batch by batch: an iterator of `(seeds, images, classes)`.
 
   Args:
@@ -96,6 +102,8 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
     class_idx: a fixed class for every image; None draws one per seed (from its key).
     devices: devices to shard the batch over; default all local devices.
     progress: show a tqdm progress bar.
+    decode_fn: `decode_fn(variables, x) -> images` applied to the solver's output in the same
+      program (a latent model's first stage); None: the output is the image.
     **solver_opts: `afs`, `max_order`, `predict_x0`, `lower_order_final`, `thresholding`.
 
   Returns:
@@ -118,7 +126,7 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
   mesh = Mesh(np.asarray(devices), ('data',))
   batch_size = math.ceil(max(1, batch_size) / len(devices)) * len(devices)
   sampler = _make_sampler(denoise_fn, tuple(shape), jnp.asarray(t_steps), solver, solver_opts,
-                          num_classes, class_idx, mesh)
+                          num_classes, class_idx, mesh, decode_fn or _identity)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   # Validation above runs at call time; only the sampling itself is lazy.
   return _iterate(sampler, variables, seeds, batch_size, num_classes > 0, progress)
@@ -222,11 +230,15 @@ def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> Sampl
 
 
 class Model(NamedTuple):
-  """A network ready to sample: config, variables, `denoise_fn(variables, x, sigma, labels)`, settings."""
+  """A network ready to sample: config, variables, `denoise_fn(variables, x, sigma, labels)`, settings,
+  and what sampling it needs beyond them (a latent student: latent shape, VP table, decoder)."""
   config: Any
   variables: dict
   denoise_fn: Callable
   settings: SamplingSettings
+  shape: tuple = ()                   # (H, W, C) the solver runs on; () = the config's image shape
+  vp: Any = None                      # discrete VP table ('discrete' schedules)
+  decode_fn: Optional[Callable] = None  # decode_fn(variables, x) -> images; None: x are the images
 
 
 def load_model(network=None, student=None, **overrides) -> Model:
@@ -242,6 +254,8 @@ def load_model(network=None, student=None, **overrides) -> Model:
     from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
     config, variables, stored = checkpoint.load_student(student)
     settings = student_settings(stored, **overrides)
+    if isinstance(config, LatentConfig):  # a latent teacher's student
+      return _latent_student_model(config, variables, settings)
   else:
     from sfd_jax.io import load_network  # pylint: disable=g-import-not-at-top
     config, variables = load_network(network)
@@ -254,23 +268,38 @@ def load_model(network=None, student=None, **overrides) -> Model:
   return Model(config, variables, denoise_fn, settings)
 
 
+def _latent_student_model(config, variables, settings: SamplingSettings) -> Model:
+  """A latent student: CFGPrecond over its UNet with the VP table and first stage it carries."""
+  from sfd_jax.latent import student as latent_student  # pylint: disable=g-import-not-at-top
+  vp = latent_student.student_vp(variables)
+  denoise = latent_student.make_student_denoise(config, vp)
+  step_condition = settings.num_steps if settings.use_step_condition else None
+
+  def denoise_fn(variables, x, sigma, condition):
+    return denoise(variables, x, sigma, condition, step_condition=step_condition)
+  return Model(config, variables, denoise_fn, settings, latent_student.latent_shape(config), vp,
+               latent_student.make_student_decode(config))
+
+
 def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions(), batch_size=64,
                   class_idx=None, devices=None, progress=False):
   """`generate_batches` for a loaded `Model` with its settings."""
   s, config = model.settings, model.config
   validate(s, options)
-  num_classes = config.label_dim
+  num_classes = getattr(config, 'label_dim', 0)
   if class_idx is not None and not 0 <= class_idx < max(num_classes, 1):
     raise ValueError(f'--class: need 0 <= class < {num_classes} for this model, got {class_idx}'
                      if num_classes else '--class: the model is unconditional')
-  t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho)
+  t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho,
+                                   vp=model.vp)
   solver_opts = dict(afs=s.afs)
   if s.solver != 'euler':
     solver_opts.update(dataclasses.asdict(options))
-  shape = (config.img_resolution, config.img_resolution, config.img_channels)
+  shape = model.shape or (config.img_resolution, config.img_resolution, config.img_channels)
   return generate_batches(model.denoise_fn, shape, seeds, t_steps=t_steps, solver=s.solver,
                           variables=model.variables, batch_size=batch_size, num_classes=num_classes,
-                          class_idx=class_idx, devices=devices, progress=progress, **solver_opts)
+                          class_idx=class_idx, devices=devices, progress=progress, decode_fn=model.decode_fn,
+                          **solver_opts)
 
 
 def write_outputs(batches, *, outdir=None, npz=None, grid=None):

@@ -30,6 +30,15 @@ DATA_AXIS = 'data'
 METRICS_FILE = 'metrics.jsonl'
 
 
+class Family(NamedTuple):
+  """What differs between network families (EDM pixels, latent teachers), so the loop has one path."""
+  shape: tuple                        # (H, W, C) of what the networks denoise: images or latents
+  label_dim: int                      # one-hot class labels per sample (0: none)
+  network_meta: dict                  # checkpoint meta entries `load_student` rebuilds the student from
+  decode: Callable                    # decode(student_variables, x) -> NHWC images in about [-1, 1]
+  vp: Any = None                      # the teacher's discrete VP table ('discrete' schedule), else None
+
+
 class Models(NamedTuple):
   """The frozen teacher and the student's starting point."""
   teacher_denoise: Callable
@@ -38,6 +47,18 @@ class Models(NamedTuple):
   student_denoise: Callable
   student_variables: Any
   teacher_config: Any = None          # for the low-precision teacher (train.precision)
+  family: Any = None                  # a `Family`; None: EDM's, from student_config (`family_of`)
+
+
+def edm_family(config) -> Family:
+  """The pixel-space family of an EDM `NetworkConfig`: images are what the network denoises."""
+  return Family(shape=(config.img_resolution, config.img_resolution, config.img_channels), label_dim=config.label_dim,
+                network_meta=dict(network=config.to_dict()), decode=lambda variables, x: x)
+
+
+def family_of(models: Models) -> Family:
+  """`models.family`, or EDM's for Models built without one."""
+  return models.family if models.family is not None else edm_family(models.student_config)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -98,25 +119,80 @@ def student_config_for(teacher_config, dropout: float):
 def load_models(run: RunConfig) -> Models:
   """Loads the teacher and builds the student from its weights (fresh step-condition layers).
 
+  An LDM / SD checkpoint (`config.teacher_arch`, a `.ckpt` / `.safetensors` file) or a converted
+  latent teacher gives a latent student (`_latent_models`); anything else an EDM one.
+
   Raises:
     FileNotFoundError / ValueError: one line, for a missing teacher or one that does not fit
       the config's image resolution or label dimension.
   """
-  from sfd_jax import networks, teacher as teacher_lib  # Flax lives behind these modules
+  from sfd_jax import teacher as teacher_lib  # Flax lives behind this module
   check_teacher_path(run.teacher)
+  if teacher_lib.is_latent(run.teacher, run.teacher_arch or None):
+    return _latent_models(run)
+  return _edm_models(run)
+
+
+def _check_fit(run: RunConfig, resolution: int, label_dim: int) -> None:
+  if run.img_resolution and resolution != run.img_resolution:
+    raise ValueError(f'config.teacher={run.teacher}: resolution {resolution} but '
+                     f'config.img_resolution={run.img_resolution}')
+  if run.label_dim >= 0 and label_dim != run.label_dim:
+    raise ValueError(f'config.teacher={run.teacher}: label_dim {label_dim} but config.label_dim={run.label_dim}')
+
+
+def _edm_models(run: RunConfig) -> Models:
+  from sfd_jax import networks, teacher as teacher_lib  # Flax lives behind these modules
   teacher = teacher_lib.load_teacher(run.teacher)
   tc = teacher.config
-  if run.img_resolution and tc.img_resolution != run.img_resolution:
-    raise ValueError(f'config.teacher={run.teacher}: resolution {tc.img_resolution} but '
-                     f'config.img_resolution={run.img_resolution}')
-  if run.label_dim >= 0 and tc.label_dim != run.label_dim:
-    raise ValueError(f'config.teacher={run.teacher}: label_dim {tc.label_dim} but config.label_dim={run.label_dim}')
+  _check_fit(run, tc.img_resolution, tc.label_dim)
   student_config = student_config_for(tc, run.train.dropout)
   state_dict = networks.variables_to_state_dict(teacher.params)
   student_variables = networks.state_dict_to_variables(
       student_config, state_dict, rng=jax.random.key(run.train.seed), source=run.teacher)
   return Models(teacher.denoise, teacher.params, student_config, networks.make_denoise(student_config),
-                student_variables, tc)
+                student_variables, tc, edm_family(student_config))
+
+
+def _check_latent_settings(run: RunConfig, teacher) -> None:
+  """The official LDM run takes sigma_min / sigma_max from the teacher; no dropout, float32."""
+  d, t = run.distill, run.train
+  for name, value, want in (('sigma_min', d.sigma_min, teacher.sigma_min),
+                            ('sigma_max', d.sigma_max, teacher.sigma_max)):
+    if value != want:
+      raise ValueError(f'config.distill.{name}={value!r} but the latent teacher {run.teacher} has {name} {want!r} '
+                       f'(the official value); set --config.distill.{name}={want!r}')
+  if t.dropout > 0:
+    raise ValueError(f'config.train.dropout={t.dropout}: latent (LDM) students have no dropout; use -1 or 0')
+  if t.precision != 'float32':
+    raise ValueError(f'config.train.precision={t.precision!r}: latent teachers train in float32 only (for now)')
+
+
+def _latent_models(run: RunConfig) -> Models:
+  """A latent teacher (LitEma weights if any) and its student: the raw UNet weights plus the
+  step-condition layers (fresh from `train.seed` where the checkpoint lacks them)."""
+  from sfd_jax.latent import student as latent_student  # Flax lives behind these modules
+  from sfd_jax.latent.config import config_to_dict
+  from sfd_jax.latent.teacher import load_latent_teacher
+  if not run.teacher_arch and not os.path.isdir(run.teacher):
+    raise ValueError(f'config.teacher={run.teacher}: an LDM / SD checkpoint needs --config.teacher_arch '
+                     '(a preset: ldm-lsun-bedroom, ldm-ffhq, sd-v1; or an LDM yaml path)')
+  if run.teacher_arch and os.path.isdir(run.teacher):
+    raise ValueError(f'config.teacher={run.teacher}: a converted teacher directory names its own architecture; '
+                     f'pass --config.teacher_arch= (empty) instead of {run.teacher_arch!r}')
+  teacher = load_latent_teacher(run.teacher, run.teacher_arch or None, rng=jax.random.key(run.train.seed))
+  config = teacher.config
+  if config.conditioning_key:
+    raise ValueError(f'config.teacher={run.teacher}: a text-conditioned ({config.conditioning_key}) teacher needs '
+                     'prompts, which the training loop does not draw yet; unconditional LDM teachers only')
+  _check_fit(run, latent_student.image_shape(config)[0], 0)
+  _check_latent_settings(run, teacher)
+  variables = latent_student.student_variables(teacher.raw_params)
+  family = Family(shape=latent_student.latent_shape(config), label_dim=0,
+                  network_meta=dict(latent_network=config_to_dict(config)),
+                  decode=latent_student.make_student_decode(config), vp=teacher.vp)
+  return Models(teacher.denoise, teacher.params, config, latent_student.make_student_denoise(config, teacher.vp),
+                variables, config, family)
 
 
 def step_options(train_settings, num_devices: int) -> sfd.StepOptions:
@@ -160,7 +236,7 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
   if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
     kwargs.update(targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
   return sfd.make_step(make_denoisers(models, opts.precision), optimizer, opts, mesh=mesh, data_axis=DATA_AXIS,
-                       **kwargs)
+                       vp=family_of(models).vp, **kwargs)
 
 
 def make_batch_fn(mesh, shape, label_dim: int, sigma_max: float) -> Callable:
@@ -197,22 +273,23 @@ def draw_num_steps(settings: DistillSettings, key, second_stage: bool = False) -
 
 
 def make_grid_writer(models: Models, settings: DistillSettings, grid_size: int, seed: int) -> Callable:
-  """Returns `write(variables, path)`: a PNG grid of student samples (Euler, AFS as trained).
+  """Returns `write(variables, path)`: a PNG grid of student samples (Euler, AFS as trained),
+  decoded to images by the family (latent teachers: their first stage).
 
   The seeds are fixed, so grids of successive checkpoints show the same latents.
   """
-  plan = sfd.make_plan(settings)
-  cfg = models.student_config
-  n, r, c = grid_size * grid_size, cfg.img_resolution, cfg.img_channels
-  z = jax.random.normal(jax.random.key(seed), (n, r, r, c))
-  labels = jax.nn.one_hot(jnp.arange(n) % cfg.label_dim, cfg.label_dim) if cfg.label_dim else None
+  family = family_of(models)
+  plan = sfd.make_plan(settings, family.vp)
+  n, label_dim = grid_size * grid_size, family.label_dim
+  z = jax.random.normal(jax.random.key(seed), (n, *family.shape))
+  labels = jax.nn.one_hot(jnp.arange(n) % label_dim, label_dim) if label_dim else None
   step_condition = float(settings.num_steps) if settings.use_step_condition else None
   t_steps = jnp.asarray(plan.t_steps, jnp.float32)
 
   @jax.jit
   def sample(variables):
     denoise = lambda x, sigma: models.student_denoise(variables, x, sigma, labels, step_condition=step_condition)
-    return solvers.sample(denoise, z, t_steps, 'euler', afs=settings.afs)
+    return family.decode(variables, solvers.sample(denoise, z, t_steps, 'euler', afs=settings.afs))
 
   def write(variables, path):
     x = jax.device_get(sample(to_host(variables)))
@@ -299,9 +376,11 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   replicated = NamedSharding(mesh, P())
-  # Copies (may_alias=False): the step donates its state, the loaded student must stay intact.
-  params = jax.device_put(models.student_variables['params'], replicated, may_alias=False)
-  buffers = jax.device_put(models.student_variables.get('buffers', {}), replicated, may_alias=False)
+  # Host copies: the step donates its state, and the loaded student (whose arrays a latent teacher
+  # shares) must stay intact. device_put(may_alias=False) still aliases the first device's shard to
+  # a single-device source on CPU (jax 0.10.2), so donating it deleted the teacher's weights.
+  params = jax.device_put(jax.tree.map(np.array, models.student_variables['params']), replicated)
+  buffers = jax.device_put(jax.tree.map(np.array, models.student_variables.get('buffers', {})), replicated)
   teacher_variables = jax.device_put(models.teacher_variables, replicated)
   optimizer = sfd.make_optimizer(run.optim)
   opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
@@ -320,9 +399,8 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     base_key = jax.random.wrap_key_data(np.asarray(meta['rng_key_data'], np.uint32))
     log(f'Resuming from {checkpoint.checkpoint_dir(workdir)}/{iteration} at kimg {nimg / 1000:.3f}')
 
-  cfg = models.student_config
-  shape = (run.train.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels)
-  draw = make_batch_fn(mesh, shape, cfg.label_dim, run.distill.sigma_max)
+  family = family_of(models)
+  draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.label_dim, run.distill.sigma_max)
   step = make_step(models, optimizer, opts, mesh, second_stage)  # teacher compiled per num_steps, student interval once
   total_nimg = int(round(run.train.total_kimg * 1000))
   tick_nimg = int(round(run.train.kimg_per_tick * 1000))
@@ -330,7 +408,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   stats = TickStats(time.time(), nimg)
   meta_of = lambda: dict(nimg=nimg, iteration=iteration, kimg=nimg / 1000,
                          rng_key_data=np.asarray(jax.random.key_data(base_key)).tolist(),
-                         network=cfg.to_dict(), settings=(run.distill.sampling().to_dict() if second_stage is None
+                         **family.network_meta, settings=(run.distill.sampling().to_dict() if second_stage is None
                                                           else stage2.sampling_settings(run.distill)),
                          distill=dataclasses.asdict(run.distill), dataset_name=run.dataset_name)
   write_grid = make_grid_writer(models, run.distill, run.train.grid_size, run.train.seed) if is_main else None
