@@ -2,10 +2,12 @@
 distilled student, and the writers; `python -m sfd_jax.sample` and `sfd_jax.fid` call it.
 
 Each seed's latents (and class) come from `jax.random.key(seed)` alone, so an image depends
-on its seed only, not on the batch size or the number of devices (bit for bit on CPU; on a
-GPU the convolution algorithms, and TF32 under JAX's default matmul precision, depend on the
-batch shape, so a different batch can move a few pixels by one level; measured on an H100
-with the fixture network).
+on its seed only, not on the batch size or the number of devices, up to float32 rounding where
+the compiled network's arithmetic depends on the per-device batch shape: on a GPU the
+convolution algorithms and TF32 under JAX's default matmul precision (a different batch moved a
+few pixels by one level on an H100 with the fixture network), on the CPU the latent teachers'
+networks (batch 8 vs 64: 3e-6, one pixel by one level). The EDM fixture networks and the test
+denoisers give bit-identical images on the CPU.
 """
 import dataclasses
 import math
