@@ -235,8 +235,9 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
   """
   if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
     kwargs.update(targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
+  vp = models.family.vp if models.family is not None else None  # EDM's family has none (and may lack a config)
   return sfd.make_step(make_denoisers(models, opts.precision), optimizer, opts, mesh=mesh, data_axis=DATA_AXIS,
-                       vp=family_of(models).vp, **kwargs)
+                       vp=vp, **kwargs)
 
 
 def make_batch_fn(mesh, shape, label_dim: int, sigma_max: float) -> Callable:
