@@ -10,24 +10,13 @@ r"""SFD on CompVis' FFHQ LDM-4 (256x256 images, 64x64x3 VQ-f4 latents, unconditi
 The official launch.sh gives settings for CIFAR-10 only, and at the official commit its LDM
 branch stops with an UnboundLocalError (tests/fixtures/ldm/README.md): the values below are
 the official command-line defaults (train.py) and what `create_model` sets for
-`ffhq_ldm`, except where a comment says the value is chosen here.
+`ffhq_ldm`, except the schedule, chosen here
+(`config_types.ldm4` says which and why).
 """
 from sfd_jax import config_types
-
-LDM_SIGMA_MAX = 83.82247924804688   # sigma(1) of the LDM-4 linear table (float32), the official net.sigma_max
 
 
 def get_config():
   """Official: batch 128, lr 5e-5, 200 kimg, M 3, DPM-Solver++ (launch.sh: max_order 3), AFS, sigma_min 0.006."""
-  config = config_types.default_config()
-  config.teacher_arch = 'ldm-ffhq'
-  config.dataset_name = 'ffhq_ldm'
-  config.img_resolution = 256         # decoded images (the latents are 64x64x3)
-  config.label_dim = 0
-  config.distill.sigma_min = 0.006    # create_model: net.sigma_min = 0.006
-  config.distill.sigma_max = LDM_SIGMA_MAX
-  # Chosen here: the official default is polynomial rho 7; the sibling projects (AMED,
-  # diff-solvers) run LDM teachers with the discrete schedule and rho 1.
-  config.distill.schedule_type = 'discrete'
-  config.distill.schedule_rho = 1.0
-  return config
+  return config_types.ldm4(config_types.default_config(),
+                           teacher_arch='ldm-ffhq', dataset_name='ffhq_ldm')

@@ -140,6 +140,29 @@ def second_stage(config, total_kimg: float = 2000.0):
   return config
 
 
+LDM4_SIGMA_MAX = 83.82247924804688  # sigma(1) of the LDM-4 linear beta table (float32): the official net.sigma_max
+
+
+def ldm4(config, teacher_arch: str, dataset_name: str):
+  """Sets a ConfigDict up for an unconditional CompVis LDM-4 teacher (64x64x3 VQ-f4 latents, 256x256
+  images; LSUN-Bedroom, FFHQ) and returns it: the official values where the official code sets
+  them (`create_model`: sigma_min 0.006, sigma_max = sigma(1)), the discrete schedule with rho 1
+  where it leaves them to the command line.
+
+  Chosen here: the official default schedule is polynomial rho 7; the sibling projects (AMED,
+  diff-solvers) run LDM teachers with the discrete schedule and rho 1 (tests/fixtures/ldm/README.md).
+  """
+  config.teacher_arch = teacher_arch
+  config.dataset_name = dataset_name
+  config.img_resolution = 256         # decoded images (the latents are 64x64x3)
+  config.label_dim = 0
+  config.distill.sigma_min = 0.006    # create_model: net.sigma_min = 0.006
+  config.distill.sigma_max = LDM4_SIGMA_MAX
+  config.distill.schedule_type = 'discrete'
+  config.distill.schedule_rho = 1.0
+  return config
+
+
 def _suggest(key: str, valid, where: str) -> str:
   close = difflib.get_close_matches(key, list(valid), n=1) or [v for v in valid if v.endswith('_' + key)][:1]
   prefix = f'{where}.' if where else ''
