@@ -64,6 +64,20 @@ class _ImportedOnUse(types.ModuleType):
 # ModuleNotFoundError instead of being skipped.
 torch = _ImportedOnUse("torch")
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cli_env(num_devices: int, cache_dir) -> dict:
+  """The environment of a command-line run in a subprocess: `num_devices` fake CPU devices (the
+  parent's other XLA flags and the collective timeouts kept), this checkout importable, and a
+  compilation cache shared by the runs of one test file that keeps every program."""
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=cpu_devices.xla_flags(os.environ.get("XLA_FLAGS", ""), num_devices=num_devices),
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir), PYTHONPATH=str(ROOT),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EDM_FIXTURES = FIXTURES / "edm"
 SFD_FIXTURES = FIXTURES / "sfd"

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
-from sfd_jax import cpu_devices
+from conftest import FIXTURES, cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LDM = FIXTURES / 'ldm'
@@ -34,11 +33,7 @@ TINY = [
 
 
 def env(cache_dir):
-  e = dict(os.environ)
-  e.update(XLA_FLAGS=cpu_devices.xla_flags(os.environ.get('XLA_FLAGS', ''), num_devices=2), JAX_PLATFORMS='cpu',
-           JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONPATH=str(ROOT))
-  return e
+  return cli_env(2, cache_dir)
 
 
 def command(workdir, *extra):
