@@ -21,7 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sfd_jax import images as images_lib
 from sfd_jax import schedules, solvers
 from sfd_jax.config_types import SamplingSettings
-from sfd_jax.latent.config import LatentConfig
 
 _MAX_SEED = 2 ** 31 - 1
 # `--grid` shows at most this many images (the first seeds).
@@ -256,6 +255,7 @@ def load_model(network=None, student=None, **overrides) -> Model:
     from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
     config, variables, stored = checkpoint.load_student(student)
     settings = student_settings(stored, **overrides)
+    from sfd_jax.latent.config import LatentConfig  # pylint: disable=g-import-not-at-top
     if isinstance(config, LatentConfig):  # a latent teacher's student
       return _latent_student_model(config, variables, settings)
   else:
