@@ -16,7 +16,6 @@ tightly: to 1e-5 of the largest change training made to them (seen: 5e-7). A wro
 batch, dropout mask or gradient reduction moves them by the whole change.
 """
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from sfd_jax import cpu_devices
+from conftest import cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8
@@ -61,10 +60,7 @@ def free_port() -> int:
 
 def launch(workdir, teacher, cache_dir, iters: int, num_processes: int, devices_each: int):
   """Runs the CLI in `num_processes` processes; returns their (returncode, stdout, stderr)."""
-  flags = cpu_devices.xla_flags(os.environ.get('XLA_FLAGS', ''), num_devices=devices_each)
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = cli_env(devices_each, cache_dir)
   base = [sys.executable, '-m', 'sfd_jax.main', f'--workdir={workdir}', *TINY, f'--config.teacher={teacher}',
           f'--config.train.total_kimg={iters * BATCH / 1000}']
   if num_processes > 1:
