@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from sfd_jax import config_types, sfd, train
+from sfd_jax import conditions, config_types, sfd, train
 
 
 def demo_config():
@@ -47,7 +47,7 @@ def main():
   opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
   cfg = models.student_config
   draw = train.make_batch_fn(mesh, (run.train.batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
-                             cfg.label_dim, run.distill.sigma_max)
+                             conditions.one_hot_labels(cfg.label_dim), run.distill.sigma_max)
   settings, key, lr = run.distill, jax.random.key(0), np.float32(run.optim.lr)
   current = hasattr(sfd, 'TrainState')
   if current:

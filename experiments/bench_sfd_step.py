@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfd_jax import networks, sfd, train
+from sfd_jax import conditions, networks, sfd, train
 from sfd_jax.config_types import DistillSettings, OptimSettings, TrainSettings
 
 CIFAR10_DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
@@ -59,7 +59,7 @@ def make_step(models, cfg, batch: int, num_steps: int, dtype: str = 'float32', b
                                           remat=remat), jax.device_count())
   step = train.make_step(models, optimizer, opts, mesh)
   draw = train.make_batch_fn(mesh, (batch, cfg.img_resolution, cfg.img_resolution, cfg.img_channels),
-                             0, settings.sigma_max)
+                             conditions.unconditional(), settings.sigma_max)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params, buffers = jax.device_put(sfd.split_variables(models.student_variables), replicated)
   teacher_variables = jax.device_put(models.teacher_variables, replicated)

@@ -81,7 +81,7 @@ class TrainState(NamedTuple):
 
 
 class Denoisers(NamedTuple):
-  """`denoise(variables, x, sigma, class_labels, ..., train, dropout_rng)` of both networks.
+  """`denoise(variables, x, sigma, condition, ..., train, dropout_rng)` of both networks.
 
   The float32 pair defines the iteration (and redoes a non-finite low-precision interval);
   the low-precision pair, when given, is what runs first (`make_denoise(config, 'bfloat16')`).
@@ -148,14 +148,14 @@ def per_micro_batch(fn: Callable, opts: StepOptions, *batch):
   return jax.tree.map(jax.vmap(lambda t: join_batch(t, opts), in_axes=1), out)
 
 
-def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denoisers, solve: Callable,
+def teacher_stage(teacher_variables, latents, condition, *, denoisers: Denoisers, solve: Callable,
                   plan: Plan, opts: StepOptions, debug: bool = False):
   """Runs the teacher solver (eval mode, no gradients) and returns one target per interval.
 
   Args:
     teacher_variables: the teacher's network variables.
     latents: `[B, H, W, C]`, `sigma_max · N(0, I)` (the official latents).
-    class_labels: `[B, label_dim]` one-hot, or None.
+    condition: `[B, ...]` per-sample condition (one-hot labels, text embeddings) or None.
     denoisers: the networks; `teacher_low` runs first when `opts.precision` is low.
     solve: `teacher_solver(settings)`.
     plan: `make_plan(settings, vp)`.
@@ -169,11 +169,11 @@ def teacher_stage(teacher_variables, latents, class_labels, *, denoisers: Denois
   t_steps = jnp.asarray(plan.teacher_t_steps, jnp.float32)
 
   def run(teacher_denoise):
-    def one(z, labels):
-      denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, labels, train=False)
+    def one(z, cond):
+      denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, cond, train=False)
       # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
       return solve(denoise, z / jnp.float32(plan.t_steps[0]), t_steps)
-    return per_micro_batch(one, opts, latents, class_labels)  # [num_teacher, B, ...]
+    return per_micro_batch(one, opts, latents, condition)  # [num_teacher, B, ...]
 
   redo = jnp.int32(0)
   if opts.precision != 'float32':
@@ -192,7 +192,7 @@ def l1_sum(out, target):
   return jnp.sum(jnp.abs(out - target))
 
 
-def student_interval(student_denoise: Callable, params, buffers, x_in, target, times, class_labels,
+def student_interval(student_denoise: Callable, params, buffers, x_in, target, times, condition,
                      step_condition, dropout_rng, *, afs: bool, extra_loss: Optional[Callable] = None):
   """One student Euler step over an interval and its loss sum (no division by the batch).
 
@@ -202,7 +202,7 @@ def student_interval(student_denoise: Callable, params, buffers, x_in, target, t
     x_in: `[b, H, W, C]` the start point (latents at step 0, else the previous output).
     target: `[b, H, W, C]` the teacher's point at the end of the interval.
     times: `[3]` float32 (t_cur, t'0, t'1) of the interval (`interval_times`).
-    class_labels: `[b, label_dim]` or None.
+    condition: `[b, ...]` or None.
     step_condition: scalar (SFD-v: num_steps) or None.
     dropout_rng: key for the student's dropout (train mode).
     afs: the analytical first step (no network call).
@@ -216,7 +216,7 @@ def student_interval(student_denoise: Callable, params, buffers, x_in, target, t
   seen = []
 
   def denoise(x, sigma):
-    d = student_denoise({'params': params, 'buffers': buffers}, x, sigma, class_labels,
+    d = student_denoise({'params': params, 'buffers': buffers}, x, sigma, condition,
                         step_condition=step_condition, train=True, dropout_rng=dropout_rng)
     seen.append(d)
     return d
@@ -229,7 +229,7 @@ def student_interval(student_denoise: Callable, params, buffers, x_in, target, t
   return loss_sum, dict(out=out, denoised=seen[0] if seen else None)
 
 
-def interval_grads(student_denoise: Callable, params, buffers, x_in, target, times, class_labels,
+def interval_grads(student_denoise: Callable, params, buffers, x_in, target, times, condition,
                    step_condition, dropout_rng, *, opts: StepOptions, extra_loss=None):
   """Loss sum, output and gradient of Σ|out − target| / B over the whole batch, accumulated over
   `opts.micro_batches` micro-batches (each divides by the GLOBAL batch B, so the summed
@@ -240,8 +240,8 @@ def interval_grads(student_denoise: Callable, params, buffers, x_in, target, tim
   """
   batch = x_in.shape[0]
 
-  def loss_fn(p, x, tgt, labels, rng):
-    loss_sum, aux = student_interval(student_denoise, p, buffers, x, tgt, times, labels, step_condition, rng,
+  def loss_fn(p, x, tgt, cond, rng):
+    loss_sum, aux = student_interval(student_denoise, p, buffers, x, tgt, times, cond, step_condition, rng,
                                      afs=False, extra_loss=extra_loss)
     return loss_sum / batch, (loss_sum, aux['out'], aux['denoised'])
 
@@ -249,23 +249,23 @@ def interval_grads(student_denoise: Callable, params, buffers, x_in, target, tim
     loss_fn = jax.checkpoint(loss_fn)
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if opts.micro_batches == 1:
-    grads, (loss_sum, out, denoised) = grad_fn(params, x_in, target, class_labels, dropout_rng)
+    grads, (loss_sum, out, denoised) = grad_fn(params, x_in, target, condition, dropout_rng)
     return loss_sum, out, denoised, grads
 
   def body(acc, chunk):
-    x, tgt, labels, c = chunk
-    grads, (loss_sum, out, denoised) = grad_fn(params, x, tgt, labels, jax.random.fold_in(dropout_rng, c))
+    x, tgt, cond, c = chunk
+    grads, (loss_sum, out, denoised) = grad_fn(params, x, tgt, cond, jax.random.fold_in(dropout_rng, c))
     acc = (acc[0] + loss_sum, jax.tree.map(jnp.add, acc[1], grads))
     return acc, (out, denoised)
 
   zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params))
-  chunks = (split_batch(x_in, opts), split_batch(target, opts), split_batch(class_labels, opts),
+  chunks = (split_batch(x_in, opts), split_batch(target, opts), split_batch(condition, opts),
             jnp.arange(opts.micro_batches))
   (loss_sum, grads), (out, denoised) = jax.lax.scan(body, zeros, chunks)
   return loss_sum, join_batch(out, opts), join_batch(denoised, opts), grads
 
 
-def interval_update(state: TrainState, x_in, target, times, class_labels, step_condition, dropout_rng, lr, *,
+def interval_update(state: TrainState, x_in, target, times, condition, step_condition, dropout_rng, lr, *,
                     denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions,
                     afs: bool, extra_loss: Optional[Callable] = None, debug: bool = False):
   """One student interval: Euler step, L1 loss and (unless AFS) one Adam update.
@@ -278,7 +278,7 @@ def interval_update(state: TrainState, x_in, target, times, class_labels, step_c
     state: the `TrainState` (donated by `make_step`).
     x_in, target: `[B, H, W, C]`.
     times: `[3]` (t_cur, t'0, t'1), traced.
-    class_labels: `[B, label_dim]` or None.
+    condition: `[B, ...]` or None (sharded with the batch).
     step_condition: traced scalar or None.
     dropout_rng: this interval's dropout key.
     lr: scalar learning rate (traced).
@@ -300,7 +300,7 @@ def interval_update(state: TrainState, x_in, target, times, class_labels, step_c
       metrics['debug'] = dict(denoised=None, grads=None)
     return state, aux['out'], metrics
 
-  run = lambda denoise: interval_grads(denoise, state.params, state.buffers, x_in, target, times, class_labels,
+  run = lambda denoise: interval_grads(denoise, state.params, state.buffers, x_in, target, times, condition,
                                        step_condition, dropout_rng, opts=opts, extra_loss=extra_loss)
   redo = zero_i
   if opts.precision != 'float32':
@@ -367,12 +367,12 @@ def learning_rate(optim: OptimSettings, cur_nimg: int, batch: int, total_kimg: f
   return optim.lr * (optim.lr_drop_factor if drop else 1.0)
 
 
-def _custom_targets(teacher_variables, latents, class_labels, *, targets_fn, denoisers, plan, settings, opts,
+def _custom_targets(teacher_variables, latents, condition, *, targets_fn, denoisers, plan, settings, opts,
                     debug):
   """`teacher_stage`'s outputs from a caller's `targets_fn`: float32 teacher (no redo), one
   micro-batch at a time like the teacher stage."""
-  one = lambda z, labels: targets_fn(denoisers.teacher, teacher_variables, z, labels, plan, settings)
-  targets, traj = per_micro_batch(one, opts, latents, class_labels)
+  one = lambda z, cond: targets_fn(denoisers.teacher, teacher_variables, z, cond, plan, settings)
+  targets, traj = per_micro_batch(one, opts, latents, condition)
   targets = jax.lax.stop_gradient(targets)
   return tuple(targets[i] for i in range(targets.shape[0])), (traj if debug else None), jnp.int32(0)
 
@@ -406,7 +406,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       be a batch mean of per-image values: each micro-batch adds its own mean · its size, which
       sums to the whole batch's mean · out.size.
     vp: the teacher's discrete VP table (`LatentTeacher.vp`) for the 'discrete' schedule; else None.
-    targets_fn: optional `fn(teacher_denoise, teacher_variables, latents, class_labels, plan,
+    targets_fn: optional `fn(teacher_denoise, teacher_variables, latents, condition, plan,
       settings) -> (targets [num_steps-1, b, ...], trajectory [T, b, ...])` replacing the teacher
       stage (the second stage's Euler teacher). It gets the float32 teacher in every precision
       (no bf16 teacher, no redo) and, like the teacher stage, one micro-batch of b rows at a
@@ -414,7 +414,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     debug: metrics also hold 'debug': targets, trajectory, out, denoised and grads per interval.
 
   Returns:
-    `step(state, teacher_variables, latents, class_labels, dropout_rng, lr, settings, loss_params=None)
+    `step(state, teacher_variables, latents, condition, dropout_rng, lr, settings, loss_params=None)
     -> (state, metrics)`; metrics: `loss` [num_steps-1] (Σ|out−target| / B), `grad_norm`
     (after sanitising; 0 for AFS), `nonfinite` (non-finite gradient values replaced) and
     `redo` (1 where a low-precision interval was redone in float32), each [num_steps-1], and
@@ -428,10 +428,10 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   shard = lambda *spec: None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   replicated, data = shard(), shard(data_axis)
 
-  def interval_fn(state, x_in, target, times, class_labels, step_condition, rng, i, lr, loss_params, *, afs, last):
+  def interval_fn(state, x_in, target, times, condition, step_condition, rng, i, lr, loss_params, *, afs, last):
     # The hook's value is added to every element of the L1 map: + hook · out.size to the sum.
     extra = (lambda out, tgt: last_interval_loss(loss_params, out, tgt) * out.size) if last else None
-    return interval_update(state, x_in, target, times, class_labels, step_condition, jax.random.fold_in(rng, i),
+    return interval_update(state, x_in, target, times, condition, step_condition, jax.random.fold_in(rng, i),
                            lr, denoisers=denoisers, optimizer=optimizer, opts=opts, afs=afs, extra_loss=extra,
                            debug=debug)
 
@@ -458,16 +458,16 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     n = settings.num_steps - 1
     return [(settings.afs and i == 0, last_interval_loss is not None and i == n - 1) for i in range(n)]
 
-  def step(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr, settings: DistillSettings,
+  def step(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr, settings: DistillSettings,
            loss_params=None):
     plan = make_plan(settings, vp)
-    targets, traj, teacher_redo = teacher(settings)(teacher_variables, latents, class_labels)
+    targets, traj, teacher_redo = teacher(settings)(teacher_variables, latents, condition)
     times = interval_times(plan)
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     lr = np.float32(lr)
     x, per_interval, outs = latents, [], []
     for i, (afs, last) in enumerate(interval_kinds(settings)):
-      state, x, m = interval(state, x, targets[i], times[i], class_labels, step_condition, dropout_rng,
+      state, x, m = interval(state, x, targets[i], times[i], condition, step_condition, dropout_rng,
                              np.int32(i), lr, loss_params, afs=afs, last=last)
       per_interval.append(m)
       outs.append(x)
@@ -479,7 +479,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
                               grads=[m['debug']['grads'] for m in per_interval if m['debug']['grads'] is not None])
     return state, metrics
 
-  def compile_programs(state: TrainState, teacher_variables, latents, class_labels, dropout_rng, lr,
+  def compile_programs(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr,
                        settings: DistillSettings, loss_params=None, *, workers: int = 2):
     """Compiles every program `step(...)` runs for these arguments, `workers` at a time (XLA
     compiles without holding the GIL), so the first step does not compile them one after the
@@ -489,8 +489,8 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       {program name: seconds from the start until its compilation finished}.
     """
     lowered = {f'teacher(num_steps={settings.num_steps})':
-               teacher(settings).lower(teacher_variables, latents, class_labels)}
-    targets = jax.eval_shape(teacher(settings), teacher_variables, latents, class_labels)[0]
+               teacher(settings).lower(teacher_variables, latents, condition)}
+    targets = jax.eval_shape(teacher(settings), teacher_variables, latents, condition)[0]
     times = interval_times(make_plan(settings, vp))
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     for i, (afs, last) in enumerate(interval_kinds(settings)):
@@ -498,7 +498,7 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       if name not in lowered:
         # `latents` stands for every interval's input: same shape, dtype and sharding.
         target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype, sharding=latents.sharding)
-        lowered[name] = interval.lower(state, latents, target, times[i], class_labels, step_condition,
+        lowered[name] = interval.lower(state, latents, target, times[i], condition, step_condition,
                                        dropout_rng, np.int32(i), np.float32(lr), loss_params, afs=afs, last=last)
     start = time.perf_counter()
 

@@ -94,13 +94,13 @@ def make_targets_fn(teacher_afs: bool, step_condition: Optional[float]) -> Calla
   """`sfd.teacher_targets` for a first-stage student teacher: Euler, its AFS and step condition.
 
   Returns:
-    `targets_fn(teacher_denoise, teacher_variables, latents, class_labels, plan, settings)
+    `targets_fn(teacher_denoise, teacher_variables, latents, condition, plan, settings)
     -> (targets [num_steps-1, B, H, W, C], trajectory [points, B, H, W, C])`.
   """
 
-  def targets_fn(teacher_denoise, teacher_variables, latents, class_labels, plan, settings):
+  def targets_fn(teacher_denoise, teacher_variables, latents, condition, plan, settings):
     del settings  # Euler along the plan's teacher schedule; nothing else to choose
-    denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, class_labels,
+    denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, condition,
                                                step_condition=step_condition, train=False)
     unit = latents / jnp.float32(plan.t_steps[0])
     traj = solvers.teacher_trajectory(denoise, unit, jnp.asarray(plan.teacher_t_steps, jnp.float32), 'euler',

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sfd_jax import checkpoint
+from sfd_jax import conditions
 from sfd_jax import images as images_lib
 from sfd_jax import sfd
 from sfd_jax import solvers
@@ -33,7 +34,7 @@ METRICS_FILE = 'metrics.jsonl'
 class Family(NamedTuple):
   """What differs between network families (EDM pixels, latent teachers), so the loop has one path."""
   shape: tuple                        # (H, W, C) of what the networks denoise: images or latents
-  label_dim: int                      # one-hot class labels per sample (0: none)
+  condition: conditions.ConditionSource  # the step's per-sample condition (labels, text) and its draw
   network_meta: dict                  # checkpoint meta entries `load_student` rebuilds the student from
   decode: Callable                    # decode(student_variables, x) -> NHWC images in about [-1, 1]
   vp: Any = None                      # the teacher's discrete VP table ('discrete' schedule), else None
@@ -52,7 +53,8 @@ class Models(NamedTuple):
 
 def edm_family(config) -> Family:
   """The pixel-space family of an EDM `NetworkConfig`: images are what the network denoises."""
-  return Family(shape=(config.img_resolution, config.img_resolution, config.img_channels), label_dim=config.label_dim,
+  return Family(shape=(config.img_resolution, config.img_resolution, config.img_channels),
+                condition=conditions.one_hot_labels(config.label_dim),
                 network_meta=dict(network=config.to_dict()), decode=lambda variables, x: x)
 
 
@@ -188,7 +190,7 @@ def _latent_models(run: RunConfig) -> Models:
   _check_fit(run, latent_student.image_shape(config)[0], 0)
   _check_latent_settings(run, teacher)
   variables = latent_student.student_variables(teacher.raw_params)
-  family = Family(shape=latent_student.latent_shape(config), label_dim=0,
+  family = Family(shape=latent_student.latent_shape(config), condition=conditions.unconditional(),
                   network_meta=dict(latent_network=config_to_dict(config)),
                   decode=latent_student.make_student_decode(config), vp=teacher.vp)
   return Models(teacher.denoise, teacher.params, config, latent_student.make_student_denoise(config, teacher.vp),
@@ -230,7 +232,7 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
   """The SFD step on `mesh`: state replicated and donated, batch sharded (see `sfd.make_step`).
 
   Returns:
-    `step(state, teacher_variables, latents, class_labels, dropout_rng, lr, settings, loss_params=None)
+    `step(state, teacher_variables, latents, condition, dropout_rng, lr, settings, loss_params=None)
     -> (state, metrics)`; one student-interval program serves every num_steps.
   """
   if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
@@ -240,23 +242,23 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
                        vp=vp, **kwargs)
 
 
-def make_batch_fn(mesh, shape, label_dim: int, sigma_max: float) -> Callable:
-  """Jitted draw of `sigma_max · N(0, I)` latents and uniform one-hot labels, batch-sharded.
+def make_batch_fn(mesh, shape, source: conditions.ConditionSource, sigma_max: float) -> Callable:
+  """Returns `draw(key) -> (latents, condition)`: `sigma_max · N(0, I)` latents of `shape` and the
+  source's conditions, both batch-sharded, drawn in one jitted program.
 
   Random bits do not depend on the sharding (threefry is partitionable), so the global
   batch is the same on any number of devices.
   """
   data = NamedSharding(mesh, P(DATA_AXIS))
+  has_condition = jax.eval_shape(lambda k: source.draw(source.variables, k, shape[0]), jax.random.key(0)) is not None
+  variables = jax.device_put(source.variables, NamedSharding(mesh, P()))
 
-  @functools.partial(jax.jit, out_shardings=(data, data if label_dim else None))
-  def draw(key):
-    k_lat, k_lab = jax.random.split(key)
+  @functools.partial(jax.jit, out_shardings=(data, data if has_condition else None))
+  def draw_batch(variables, key):
+    k_lat, k_cond = jax.random.split(key)
     latents = sigma_max * jax.random.normal(k_lat, shape, jnp.float32)
-    if not label_dim:
-      return latents, None
-    labels = jax.nn.one_hot(jax.random.randint(k_lab, shape[:1], 0, label_dim), label_dim, dtype=jnp.float32)
-    return latents, labels
-  return draw
+    return latents, source.draw(variables, k_cond, shape[0])
+  return lambda key: draw_batch(variables, key)
 
 
 def iteration_keys(base_key, iteration: int):
@@ -281,15 +283,15 @@ def make_grid_writer(models: Models, settings: DistillSettings, grid_size: int, 
   """
   family = family_of(models)
   plan = sfd.make_plan(settings, family.vp)
-  n, label_dim = grid_size * grid_size, family.label_dim
+  n, source = grid_size * grid_size, family.condition
   z = jax.random.normal(jax.random.key(seed), (n, *family.shape))
-  labels = jax.nn.one_hot(jnp.arange(n) % label_dim, label_dim) if label_dim else None
+  condition = source.grid(source.variables, n)
   step_condition = float(settings.num_steps) if settings.use_step_condition else None
   t_steps = jnp.asarray(plan.t_steps, jnp.float32)
 
   @jax.jit
   def sample(variables):
-    denoise = lambda x, sigma: models.student_denoise(variables, x, sigma, labels, step_condition=step_condition)
+    denoise = lambda x, sigma: models.student_denoise(variables, x, sigma, condition, step_condition=step_condition)
     return family.decode(variables, solvers.sample(denoise, z, t_steps, 'euler', afs=settings.afs))
 
   def write(variables, path):
@@ -401,7 +403,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     log(f'Resuming from {checkpoint.checkpoint_dir(workdir)}/{iteration} at kimg {nimg / 1000:.3f}')
 
   family = family_of(models)
-  draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.label_dim, run.distill.sigma_max)
+  draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.condition, run.distill.sigma_max)
   step = make_step(models, optimizer, opts, mesh, second_stage)  # teacher compiled per num_steps, student interval once
   total_nimg = int(round(run.train.total_kimg * 1000))
   tick_nimg = int(round(run.train.kimg_per_tick * 1000))
@@ -422,8 +424,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     k_batch, k_drop, k_steps = iteration_keys(base_key, iteration)
     settings = draw_num_steps(run.distill, k_steps, second_stage is not None)
     lr = sfd.learning_rate(run.optim, nimg, run.train.batch, run.train.total_kimg)
-    latents, labels = draw(k_batch)
-    state, metrics = step(state, teacher_variables, latents, labels, k_drop, np.float32(lr), settings, loss_params)
+    latents, condition = draw(k_batch)
+    state, metrics = step(state, teacher_variables, latents, condition, k_drop, np.float32(lr), settings,
+                          loss_params)
     stats.metrics.append(metrics)
     nimg += run.train.batch
     iteration += 1

@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import EDM_FIXTURES, SFD_FIXTURES
-from sfd_jax import networks, sfd, train
+from sfd_jax import conditions, networks, sfd, train
 from sfd_jax.config_types import DistillSettings, OptimSettings
 from sfd_jax.teacher import load_teacher
 
@@ -279,7 +279,7 @@ def run_steps(models, mesh, num_iters, lrs, counter=None, settings=SETTINGS, opt
   state, teacher_vars = init_state(models, mesh, optimizer)
   opts = dataclasses.replace(opts, num_shards=mesh.devices.size)
   step = train.make_step(models, optimizer, opts, mesh)
-  draw = train.make_batch_fn(mesh, (8, 16, 16, 3), 0, SETTINGS.sigma_max)
+  draw = train.make_batch_fn(mesh, (8, 16, 16, 3), conditions.unconditional(), SETTINGS.sigma_max)
   for it in range(num_iters):
     k_batch, k_drop, _ = train.iteration_keys(jax.random.key(7), it)
     latents, labels = draw(k_batch)
@@ -380,7 +380,7 @@ def test_sfdv_draws_and_student_compiles_once():
   mesh = train.make_mesh()
   optimizer = sfd.make_optimizer(OPTIM)
   state, teacher_vars = init_state(models, mesh, optimizer)
-  draw = train.make_batch_fn(mesh, (8, 4, 4, 3), 0, SETTINGS.sigma_max)
+  draw = train.make_batch_fn(mesh, (8, 4, 4, 3), conditions.unconditional(), SETTINGS.sigma_max)
   step = train.make_step(models, optimizer, sfd.StepOptions(num_shards=8), mesh)
   step_conditions = []
   for it, d in enumerate(draws[:5]):  # 6, 6, 5, 4, 4: repeats and three distinct values
@@ -418,7 +418,7 @@ def test_step_condition_reaches_student():
 def test_class_labels_one_hot_sharded_and_used():
   """Conditional teachers: uniform one-hot labels, batch-sharded, passed to teacher and student."""
   mesh = train.make_mesh()
-  draw = train.make_batch_fn(mesh, (64, 4, 4, 3), 10, SETTINGS.sigma_max)
+  draw = train.make_batch_fn(mesh, (64, 4, 4, 3), conditions.one_hot_labels(10), SETTINGS.sigma_max)
   latents, labels = draw(jax.random.key(0))
   labels = np.asarray(labels)
   assert labels.shape == (64, 10) and np.all(labels.sum(1) == 1) and set(np.unique(labels)) == {0, 1}
