@@ -87,6 +87,11 @@ def define_model_flags(fv):
   flags.DEFINE_string('seeds', '0-63', 'e.g. 0-49999 or 1,5,10-20', flag_values=fv)
   flags.DEFINE_integer('batch', 64, 'images per step over all devices', flag_values=fv)
   flags.DEFINE_integer('class', None, 'fixed class (conditional models)', flag_values=fv)
+  flags.DEFINE_string('prompts', None, 'captions CSV with a `text` column (the MS-COCO 30k file): seed i takes '
+                      'caption i (text-conditioned models; fid calc --metrics=clip)', flag_values=fv)
+  flags.DEFINE_string('prompt', None, 'one caption for every seed (instead of --prompts)', flag_values=fv)
+  flags.DEFINE_float('guidance', None, 'classifier-free guidance rate of a text-conditioned model; 1 runs the '
+                     'conditional model alone (default 7.5, the official SD sampling rate)', flag_values=fv)
   d = sampling.TEACHER_DEFAULTS
   for name, kind, what in (('solver', 'string', f'teacher solver, one of {sorted(sampling.solvers.SOLVERS)} '
                                                 f'(default {d.solver})'),
@@ -103,6 +108,21 @@ def define_model_flags(fv):
   flags.DEFINE_boolean('lower_order_final', True, 'DPM-Solver++ lowers its order at the end', flag_values=fv)
   flags.DEFINE_boolean('thresholding', True, 'official dynamic thresholding in DPM-Solver++', flag_values=fv)
   flags.DEFINE_boolean('progress', True, 'show a progress bar', flag_values=fv)
+
+
+def captions(fv):
+  """What `--prompts` / `--prompt` give: the file's captions (a list), the one prompt (a str), or None.
+
+  Raises:
+    ValueError: both flags given; `PromptsError`: the prompts file is missing, has no `text`
+      column or no rows (one line naming it).
+  """
+  from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
+  if fv.prompts and fv.prompt is not None:
+    raise ValueError('--prompts or --prompt: give one, not both')
+  if fv.prompts:
+    return prompts.read_prompts(fv.prompts)
+  return fv.prompt
 
 
 def model_batches(fv):

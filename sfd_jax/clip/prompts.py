@@ -3,7 +3,7 @@ read as the official code reads it (`csv.DictReader`, one caption per row, in fi
 the per-iteration draw of distinct prompts."""
 import csv
 import os
-from typing import List
+from typing import List, Sequence, Union
 
 import jax
 
@@ -45,3 +45,20 @@ def draw_prompts(key, num_prompts: int, batch_size: int):
   if batch_size > num_prompts:
     raise ValueError(f'cannot draw {batch_size} distinct prompts out of {num_prompts}')
   return jax.random.choice(key, num_prompts, (batch_size,), replace=False)
+
+
+def captions_at(captions: Union[str, Sequence[str]], indices, source: str = '--prompts',
+                what: str = 'image') -> List[str]:
+  """Caption i for each index i (seed i, or the i-th image in sorted order), as the official
+  `sample.py` and `clip_score.py` pair them; a single str is everyone's caption.
+
+  Raises:
+    PromptsError: an index past the last caption (one line naming `source`).
+  """
+  indices = [int(i) for i in indices]
+  if isinstance(captions, str):
+    return [captions] * len(indices)
+  if indices and max(indices) >= len(captions):
+    raise PromptsError(f'{source}: holds {len(captions)} captions, but {what} {max(indices)} takes caption '
+                       f'{max(indices)} ({what} i takes caption i)')
+  return [captions[i] for i in indices]

@@ -5,6 +5,7 @@ ViT-g-14 (`laion2b_s34b_b88k`), features divided by their L2 norm (no epsilon), 
 no logit scale; the reported number is the mean over the pairs.
 """
 import functools
+import json
 import os
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -46,6 +47,29 @@ def load_open_clip(path: Union[str, os.PathLike], config=open_clip_model.VIT_G_1
   return jax.device_put(weights.nest(state_dict)), config
 
 
+def read_open_clip_config(path) -> OpenCLIPConfig:
+  """Sizes from an open_clip model-config JSON: a plain one (open_clip's `model_configs/ViT-g-14.json`)
+  or a Hugging Face `open_clip_config.json` (the same under `model_cfg`).
+
+  Raises:
+    CLIPWeightsError: missing or unreadable file, or no `vision_cfg` / `text_cfg` (one line naming it).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding='utf-8') as f:
+      cfg = json.load(f)
+  except FileNotFoundError:
+    raise weights.CLIPWeightsError(f'{path}: no such open_clip config file') from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise weights.CLIPWeightsError(f'{path}: not a readable JSON file ({type(e).__name__}: {e})') from None
+  cfg = cfg.get('model_cfg', cfg) if isinstance(cfg, dict) else cfg
+  try:
+    return OpenCLIPConfig.from_open_clip_json(cfg)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise weights.CLIPWeightsError(f'{path}: not an open_clip model config (needs embed_dim, vision_cfg and '
+                                   f'text_cfg; missing {e})') from None
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def image_features(params, config: OpenCLIPConfig, pixels):
   """Jitted `encode_image`: `[N, S, S, 3]` normalised pixels -> `[N, embed_dim]`."""
@@ -77,19 +101,47 @@ def _batch_scores(params, config, images, token_ids, size):
   return np.asarray(scores)[:len(images)]
 
 
+class RunningScore:
+  """Scores image batches as they arrive, each image with the caption given beside it.
+
+  The towers run on chunks of a fixed size (the first batch's, at most `batch_size`), the last
+  one padded, so every call reuses one compiled program per tower.
+  """
+
+  def __init__(self, params, config: OpenCLIPConfig, vocab=None, batch_size: int = DEFAULT_BATCH):
+    self.params, self.config, self.vocab, self.batch_size = params, config, vocab, batch_size
+    self.size, self.scores = None, []
+
+  def update(self, images, captions) -> np.ndarray:
+    """Scores `images[i]` against `captions[i]`; returns this batch's `[n]` scores."""
+    if len(images) != len(captions):
+      raise ValueError(f'clip score: {len(images)} images but {len(captions)} captions in one batch')
+    self.size = self.size or min(self.batch_size, len(images))
+    ids = tokenizer.open_clip_tokenize(list(captions), self.vocab, self.config.context_length)
+    out = [_batch_scores(self.params, self.config, images[start:start + self.size], ids[start:start + self.size],
+                         self.size) for start in range(0, len(images), self.size)]
+    self.scores.extend(out)
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def result(self) -> CLIPScore:
+    """`CLIPScore(mean over all pairs so far, scores)`; the mean as clip_score.py takes it (sum / N)."""
+    scores = np.concatenate(self.scores) if self.scores else np.zeros((0,), np.float32)
+    if not len(scores):
+      raise ValueError('clip score: no images were scored')
+    return CLIPScore(float(scores.astype(np.float64).sum() / len(scores)), scores)
+
+
 def scores_of_batches(image_batches, captions, params, config, vocab, batch_size) -> CLIPScore:
   """Scores of uint8 image batches (iterable of image lists) paired in order with `captions`.
 
   Returns:
     `CLIPScore(mean over all pairs, scores)`.
   """
-  ids = tokenizer.open_clip_tokenize(list(captions), vocab, config.context_length)
-  size, scores = min(batch_size, len(ids)), []
+  running, done = RunningScore(params, config, vocab, batch_size), 0
   for images in image_batches:
-    done = sum(map(len, scores))
-    scores.append(_batch_scores(params, config, images, ids[done:done + len(images)], size))
-  scores = np.concatenate(scores)
-  return CLIPScore(float(scores.astype(np.float64).sum() / len(scores)), scores)
+    running.update(images, captions[done:done + len(images)])
+    done += len(images)
+  return running.result()
 
 
 def clip_score(images: Sequence[np.ndarray], captions: Sequence[str], params, config: OpenCLIPConfig,

@@ -12,9 +12,9 @@ CLIP score as the official `clip_score.py` (open_clip ViT-g-14, image i with cap
 
 Command line: `python -m sfd_jax.fid ref|calc --help`.
 """
-from sfd_jax.fid.clip_score import CLIPScore, clip_score, folder_clip_score, load_open_clip
+from sfd_jax.fid.clip_score import CLIPScore, RunningScore, clip_score, folder_clip_score, load_open_clip
 from sfd_jax.fid.detector import Detector, features, load_detector, random_detector
 from sfd_jax.fid.metrics import frechet_distance, load_stats, prdc, save_stats, stats
 
 __all__ = ['Detector', 'features', 'load_detector', 'random_detector', 'frechet_distance', 'load_stats',
-           'prdc', 'save_stats', 'stats', 'CLIPScore', 'clip_score', 'folder_clip_score', 'load_open_clip']
+           'prdc', 'save_stats', 'stats', 'CLIPScore', 'RunningScore', 'clip_score', 'folder_clip_score', 'load_open_clip']

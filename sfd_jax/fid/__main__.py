@@ -9,7 +9,15 @@ FID of sampled images (folder, zip or .npz), or of a student sampled on the devi
   python -m sfd_jax.fid calc --images=out --ref=fid-refs/cifar10-32x32.npz
   python -m sfd_jax.fid calc --student=runs/cifar10 --num=50000 --ref=fid-refs/cifar10-32x32.npz
 
-The last number printed by `calc` is the FID.
+CLIP score as the official clip_score.py (open_clip ViT-g-14; image i with caption i of the CSV's
+`text` column: the i-th image in sorted file order, or the image of seed i), alone or with FID:
+
+  python -m sfd_jax.fid calc --metrics=clip --images=out --prompts=captions.csv \
+      --clip_model=ViT-g-14/open_clip_pytorch_model.bin
+  python -m sfd_jax.fid calc --metrics=fid,clip --student=runs/sd --num=30000 --prompts=captions.csv \
+      --clip_model=ViT-g-14/open_clip_pytorch_model.bin --ref=fid-refs/ms_coco-512x512.npz
+
+`calc` prints one line per metric; with fid, the last number printed is the FID.
 """
 import sys
 

@@ -10,13 +10,13 @@ The model, preprocessing and score live in `sfd_jax.clip`; this module reads the
 from typing import Optional, Sequence
 
 from sfd_jax.clip import score
-from sfd_jax.clip.score import CLIPScore, clip_score, load_open_clip  # noqa: F401  (the fid face)
-from sfd_jax.fid import sources
+from sfd_jax.clip.score import CLIPScore, RunningScore, clip_score, load_open_clip  # noqa: F401  (the fid face)
+from sfd_jax.fid import evaluate, sources
 
 
 def folder_clip_score(image_path, captions: Sequence[str], params, config: score.OpenCLIPConfig,
                       num: Optional[int] = None, seed: int = 0, vocab=None,
-                      batch_size: int = score.DEFAULT_BATCH) -> score.CLIPScore:
+                      batch_size: int = score.DEFAULT_BATCH, progress: bool = False) -> score.CLIPScore:
   """`clip_score.py calc --images=PATH [--num --seed]` as a library call.
 
   The images are read as sfd-main's `ImageFolderDataset` reads them (sorted, recursive; a zip
@@ -31,13 +31,17 @@ def folder_clip_score(image_path, captions: Sequence[str], params, config: score
     num, seed: use a random `num` of the images.
     vocab: the BPE vocabulary (default: open_clip's installed one).
     batch_size: images per device call.
+    progress: show a progress bar.
 
   Returns:
     `CLIPScore(mean, scores)`.
+
+  Raises:
+    ValueError: fewer captions than images used (one line naming `image_path`).
   """
   source = sources.open_source(image_path)
   indices = sources.subset(source.count, num, seed)
   if len(captions) < len(indices):
     raise ValueError(f'{image_path}: {len(indices)} images but only {len(captions)} captions')
-  batches = (source.load(indices[start:start + batch_size]) for start in range(0, len(indices), batch_size))
+  batches = evaluate.source_batches(source, indices, batch_size, progress, desc='clip score')
   return score.scores_of_batches(batches, captions[:len(indices)], params, config, vocab, batch_size)

@@ -71,7 +71,16 @@ def source_stats(detector, path, num=None, seed=0, batch_size=detector_lib.DEFAU
   return mu, sigma, kept, len(indices)
 
 
-def sample_batches(generated):
-  """uint8 batches from `sfd_jax.sample.generate_batches`, quantised as the PNG writer does."""
-  for _, out, _ in generated:
-    yield images_lib.to_uint8(out)
+def sample_batches(generated, on_batch=None):
+  """uint8 batches from `sfd_jax.sample.generate_batches`, quantised as the PNG writer does.
+
+  Args:
+    generated: the `(seeds, images, classes)` stream.
+    on_batch: called as `on_batch(seeds, pixels)` with each batch before it is yielded (e.g. a
+      CLIP score taken on the same samples).
+  """
+  for seeds, out, _ in generated:
+    pixels = images_lib.to_uint8(out)
+    if on_batch is not None:
+      on_batch(seeds, pixels)
+    yield pixels
