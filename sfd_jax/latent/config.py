@@ -3,10 +3,14 @@
 `resolve_arch(name_or_path)` gives a `LatentConfig` from a preset name (`ldm-lsun-bedroom`,
 `ldm-ffhq`, `sd-v1`; the values of the official yaml files) or from an LDM yaml file (read
 with PyYAML; only `model.params` is used).
+
+A `FrozenCLIPEmbedder` cond stage (Stable Diffusion v1) gives the config a text encoder: CLIP
+ViT-L/14's text model, or the sizes in `cond_stage_config.params.text_config` (transformers'
+`CLIPTextConfig` names; an sfd_jax extension, since the official yaml names a downloaded folder).
 """
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 # Values of the official configs (CompVis latent-diffusion / stable-diffusion yaml files, as
 # shipped in sfd-main/models/ldm/configs). Only what the networks and CFGPrecond need.
@@ -118,6 +122,7 @@ class LatentConfig:
   conditioning_key: Optional[str] = None   # None (unconditional) or 'crossattn'
   sigma_min: float = SIGMA_MIN_UNCOND
   name: str = ""
+  text_encoder: Any = None                 # `clip.TextEncoderConfig` of a FrozenCLIPEmbedder (SD), else None
 
   @property
   def guidance_type(self) -> str:
@@ -157,6 +162,29 @@ def _first_stage_config(cfg: dict) -> FirstStageConfig:
                           resolution=int(dd["resolution"]), n_embed=params.get("n_embed"))
 
 
+# transformers' CLIPTextConfig names -> TextEncoderConfig fields.
+_TEXT_CONFIG_NAMES = dict(vocab_size="vocab_size", hidden_size="width", num_hidden_layers="layers",
+                          num_attention_heads="heads", intermediate_size="mlp", max_position_embeddings="positions",
+                          hidden_act="activation", layer_norm_eps="eps")
+_TEXT_CONFIG_IGNORED = ("bos_token_id", "eos_token_id", "pad_token_id", "projection_dim")
+
+
+def _text_encoder_config(cond_stage, context_dim):
+  """The text encoder of a `FrozenCLIPEmbedder` cond stage (None for any other cond stage)."""
+  target = cond_stage if isinstance(cond_stage, str) else str((cond_stage or {}).get("target", ""))
+  if not target.endswith("FrozenCLIPEmbedder"):
+    return None
+  from sfd_jax.clip.sd_text_encoder import SD_V1  # pylint: disable=g-import-not-at-top
+  given = dict(((cond_stage if isinstance(cond_stage, dict) else {}).get("params") or {}).get("text_config") or {})
+  unknown = sorted(set(given) - set(_TEXT_CONFIG_NAMES) - set(_TEXT_CONFIG_IGNORED))
+  if unknown:
+    raise ValueError(f"cond_stage_config.params.text_config: unknown key {unknown[0]!r}")
+  config = dataclasses.replace(SD_V1, **{_TEXT_CONFIG_NAMES[k]: v for k, v in given.items() if k in _TEXT_CONFIG_NAMES})
+  if context_dim != config.width:
+    raise ValueError(f"unet_config.params.context_dim={context_dim} but the text encoder's width is {config.width}")
+  return config
+
+
 def config_from_params(params: dict, name: str = "") -> LatentConfig:
   """A `LatentConfig` from LatentDiffusion's `model.params` (a yaml's values, as a dict)."""
   unet_params = params["unet_config"].get("params", params["unet_config"])
@@ -165,12 +193,14 @@ def config_from_params(params: dict, name: str = "") -> LatentConfig:
     raise ValueError(f"parameterization {params['parameterization']!r} is not supported (eps only)")
   if key not in (None, "crossattn"):
     raise ValueError(f"conditioning_key {key!r} is not supported (None or 'crossattn')")
+  unet = _unet_config(dict(unet_params))
   return LatentConfig(
-      unet=_unet_config(dict(unet_params)), first_stage=_first_stage_config(params["first_stage_config"]),
+      unet=unet, first_stage=_first_stage_config(params["first_stage_config"]),
       latent_resolution=int(params["image_size"]), latent_channels=int(params["channels"]),
       linear_start=float(params["linear_start"]), linear_end=float(params["linear_end"]),
       timesteps=int(params.get("timesteps", 1000)), scale_factor=float(params.get("scale_factor", 1.0)),
-      conditioning_key=key, sigma_min=SIGMA_MIN_TEXT if key else SIGMA_MIN_UNCOND, name=name)
+      conditioning_key=key, sigma_min=SIGMA_MIN_TEXT if key else SIGMA_MIN_UNCOND, name=name,
+      text_encoder=_text_encoder_config(params.get("cond_stage_config"), unet.context_dim) if key else None)
 
 
 def load_yaml_config(path) -> LatentConfig:
@@ -223,6 +253,10 @@ def config_from_dict(data: dict) -> LatentConfig:
   try:
     data = dict(data)
     unet, first_stage = build(UNetConfig, data.pop("unet")), build(FirstStageConfig, data.pop("first_stage"))
-    return LatentConfig(unet=unet, first_stage=first_stage, **data)
+    text = data.pop("text_encoder", None)
+    if text is not None:
+      from sfd_jax.clip.sd_text_encoder import TextEncoderConfig  # pylint: disable=g-import-not-at-top
+      text = TextEncoderConfig(**text)
+    return LatentConfig(unet=unet, first_stage=first_stage, text_encoder=text, **data)
   except (KeyError, TypeError) as e:
     raise ValueError(f"not a latent teacher config ({e})") from None

@@ -63,32 +63,36 @@ def _unet(config: LatentConfig) -> UNetModel:
 def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.0) -> Callable:
   """SFD's `CFGPrecond` around the UNet as a pure, jit-able denoiser.
 
-  D(x; σ) = x − σ·ε(x/sqrt(σ²+1), M·σ⁻¹(σ) − 1, condition). With `guidance_rate` ≠ 1 and an
-  `unconditional_condition`, ε = ε_u + w(ε_c − ε_u), both from one UNet call on a batch of 2N
-  (unconditional first).
+  D(x; σ) = x − σ·ε(x/sqrt(σ²+1), M·σ⁻¹(σ) − 1, condition). With a guidance w ≠ 1 and an
+  unconditional condition, ε = ε_u + w(ε_c − ε_u), both from one UNet call on a batch of 2N
+  (unconditional first); w = 1 (the official training) runs the conditional branch only.
 
   Args:
     config: the architecture.
     vp: the teacher's discrete VP table (σ and σ⁻¹).
-    guidance_rate: classifier-free guidance w (1 = conditional branch only, as in training).
+    guidance_rate: the default guidance w (1 = conditional branch only, as in training).
 
   Returns:
-    `denoise(variables, x, sigma, condition=None, step_condition=None,
-    unconditional_condition=None, *, train=False, dropout_rng=None) -> D`; x and D NHWC latents
-    [N, H, W, C], sigma a scalar or [N], condition [N, L, context_dim] (or None), step_condition a
-    number or [N]. `variables` needs only `['params']['model']['diffusion_model']`; `train` and
-    `dropout_rng` are accepted for the SFD step's student calls and ignored (dropout 0).
+    `denoise(variables, x, sigma, condition=None, step_condition=None, unconditional_condition=None,
+    *, uncondition=None, guidance=None, train=False, dropout_rng=None) -> D`; x and D NHWC latents
+    [N, H, W, C], sigma a scalar or [N], condition and uncondition (`unconditional_condition` is
+    its older name) [N, L, context_dim] or None, step_condition a number or [N], guidance a number
+    (a traced one always takes the guided branch) or None for `guidance_rate`. `variables` needs
+    only `['params']['model']['diffusion_model']`; `train` and `dropout_rng` are accepted for the
+    SFD step's student calls and ignored (dropout 0).
   """
   unet = _unet(config)
-  guided = config.guidance_type == "classifier-free" and guidance_rate != 1.0
+  cfg = config.guidance_type == "classifier-free"
 
   def eps(variables, x_in, c_noise, condition, step):
     params = {"params": variables["params"]["model"]["diffusion_model"]}
     return unet.apply(params, x_in, c_noise, condition, step)
 
   def denoise(variables, x, sigma, condition=None, step_condition=None, unconditional_condition=None, *,
-              train=False, dropout_rng=None):
+              uncondition=None, guidance=None, train=False, dropout_rng=None):
     del train, dropout_rng  # no dropout in these UNets (the SFD step passes them to every student)
+    uncondition = unconditional_condition if uncondition is None else uncondition
+    w = guidance_rate if guidance is None else guidance
     dt = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dt)
     n = x.shape[0]
@@ -98,12 +102,13 @@ def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.
     step = None
     if step_condition is not None:
       step = jnp.broadcast_to(jnp.asarray(step_condition, dt).reshape(-1), (n,))
-    if guided and unconditional_condition is not None:
+    if cfg and uncondition is not None and not (isinstance(w, (int, float)) and w == 1):
       both = lambda a, b: jnp.concatenate([a, b])
       e = eps(variables, both(c_in * x, c_in * x), both(c_noise, c_noise),
-              both(unconditional_condition, condition), None if step is None else both(step, step))
+              both(jnp.asarray(uncondition, dt), jnp.asarray(condition, dt)),
+              None if step is None else both(step, step))
       e_uncond, e_cond = jnp.split(e, 2)
-      f_x = e_uncond + guidance_rate * (e_cond - e_uncond)
+      f_x = e_uncond + jnp.asarray(w, dt) * (e_cond - e_uncond)
     else:
       f_x = eps(variables, c_in * x, c_noise, condition, step)
     return x - sigma.reshape(-1, 1, 1, 1) * f_x

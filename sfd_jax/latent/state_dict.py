@@ -5,8 +5,10 @@ dict holds besides them:
 
 * the DDPM buffers (`betas`, `alphas_cumprod`, ...): `alphas_cumprod` is kept (the teacher's
   VP table), the others are derived quantities and are dropped;
-* `first_stage_model.encoder.*` / `quant_conv.*` (the encoder) and `cond_stage_model.*` (the
-  text encoder): not part of the latent UNet and decoder, set aside;
+* `first_stage_model.encoder.*` / `quant_conv.*` (the encoder): not used, set aside;
+* `cond_stage_model.transformer.(text_model.)*` (SD's CLIP text encoder): read, in either layout,
+  into `params['cond_stage_model']['transformer']['text_model']` when the config has a text
+  encoder (a missing tensor is an error naming it); set aside otherwise;
 * LitEma shadows `model_ema.<name under 'model.' without dots>` plus `model_ema.decay` and
   `model_ema.num_updates`: returned as a second variables tree with the UNet weights replaced
   (the official teacher runs inside `ema_scope()`; the student starts from the raw weights).
@@ -32,8 +34,9 @@ _DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                  "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights")
-_SET_ASIDE = ("first_stage_model.encoder.", "first_stage_model.quant_conv.", "first_stage_model.loss.",
-              "cond_stage_model.")
+_SET_ASIDE = ("first_stage_model.encoder.", "first_stage_model.quant_conv.", "first_stage_model.loss.")
+TEXT_PREFIX = "cond_stage_model."
+TEXT_TREE = ("cond_stage_model", "transformer", "text_model")  # where the text encoder's params live
 _STEP_CONDITION_LAYERS = ("nfe_embed", "emb_nfe_layers")
 
 
@@ -76,12 +79,14 @@ def _check_shapes(given: dict, expected: dict, source: str, what: str = "") -> N
 
 
 def _split(state_dict, source):
-  """(parameters, alphas_cumprod, ema shadows) out of a LatentDiffusion state dict."""
-  params, ema, buffers = {}, {}, {}
+  """(parameters, alphas_cumprod, ema shadows, text-encoder tensors) out of a LatentDiffusion state dict."""
+  params, ema, buffers, text = {}, {}, {}, {}
   for name, value in state_dict.items():
     value = np.asarray(value)
     if name in _DDPM_BUFFERS:
       buffers[name] = value
+    elif name.startswith(TEXT_PREFIX):
+      text[name] = value
     elif name in _EMA_META or name.startswith(_SET_ASIDE):
       continue
     elif name.startswith(EMA_PREFIX):
@@ -92,7 +97,22 @@ def _split(state_dict, source):
       _refuse(source, f"unexpected key {name!r} with shape {tuple(value.shape)} (not part of a LatentDiffusion model)")
   if "alphas_cumprod" not in buffers:
     _refuse(source, "missing key 'alphas_cumprod' (the DDPM noise table)")
-  return params, buffers["alphas_cumprod"], ema
+  return params, buffers["alphas_cumprod"], ema, text
+
+
+def text_encoder_params(config: LatentConfig, text: dict, source: str):
+  """The text encoder's float32 params (names below `text_model.`), or None without one.
+
+  Raises:
+    ValueError: one line naming `source` and the first missing, unexpected or misshapen tensor.
+  """
+  if config.text_encoder is None:
+    return None
+  from sfd_jax.clip.sd_text_encoder import text_encoder_params as read  # pylint: disable=g-import-not-at-top
+  if not text:
+    _refuse(source, f"no text-encoder tensors (a {config.conditioning_key} teacher with a FrozenCLIPEmbedder "
+                    f"needs cond_stage_model.transformer.text_model.*)")
+  return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), read(text, config.text_encoder, source=source))
 
 
 def _fill_missing(config, given, expected, rng, source):
@@ -136,7 +156,8 @@ def state_dict_to_variables(config: LatentConfig, state_dict, rng=None, *, sourc
     source: the file name for error messages.
 
   Returns:
-    (variables, ema_variables): float32 trees `{'params': ..., 'buffers': {'alphas_cumprod'}}`;
+    (variables, ema_variables): float32 trees `{'params': ..., 'buffers': {'alphas_cumprod'}}`
+    (`params['cond_stage_model']['transformer']['text_model']`: the text encoder, if the config has one);
     `ema_variables` has the LitEma shadows in place of the UNet weights, or is None when the
     state dict holds no shadows.
 
@@ -144,17 +165,21 @@ def state_dict_to_variables(config: LatentConfig, state_dict, rng=None, *, sourc
     ValueError: one line naming `source` and the first unexpected, missing or misshapen key.
   """
   expected = expected_shapes(config)
-  params, alphas, ema = _split(state_dict, source)
+  params, alphas, ema, text = _split(state_dict, source)
   _check_shapes(params, expected, source)
   if alphas.shape != (config.timesteps,):
     _refuse(source, f"'alphas_cumprod' has shape {alphas.shape}, expected ({config.timesteps},)")
   rng = jax.random.key(0) if rng is None else rng
   flat = {**params, **_fill_missing(config, params, expected, rng, source)}
   flat = {name: flat[name] for name in expected}
+  text_params = text_encoder_params(config, text, source)
   buffers = {"alphas_cumprod": jnp.asarray(alphas, jnp.float32)}
 
   def tree(flat_params):
-    return {"params": nest({k: jnp.asarray(v, jnp.float32) for k, v in flat_params.items()}), "buffers": buffers}
+    params = nest({k: jnp.asarray(v, jnp.float32) for k, v in flat_params.items()})
+    if text_params is not None:  # shared by the raw and the EMA trees (it has no LitEma shadow)
+      params[TEXT_TREE[0]] = {TEXT_TREE[1]: {TEXT_TREE[2]: text_params}}
+    return {"params": params, "buffers": buffers}
 
   ema_variables = tree(_ema_tree(flat, ema, source)) if ema else None
   return tree(flat), ema_variables

@@ -2,13 +2,17 @@
 
 The teacher runs with the LitEma weights when the checkpoint has them (the official teacher
 denoises inside `ema_scope()`); `raw_params` are the trained weights a student starts from.
+A Stable Diffusion teacher also encodes prompts with its frozen CLIP text encoder (`encode_text`).
 """
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
+import numpy as np
 
+from sfd_jax.clip import sd_text_encoder
+from sfd_jax.clip import tokenizer as clip_tokenizer
 from sfd_jax.io import latent_converted
 from sfd_jax.io.ldm_checkpoint import read_checkpoint
 from sfd_jax.latent.config import PRESETS, LatentConfig, resolve_arch
@@ -25,8 +29,8 @@ class LatentTeacher:
     config: the architecture.
     params: the teacher's variables (LitEma weights if the checkpoint has them, else raw).
     raw_params: the checkpoint's raw (trained) weights: the student's starting point.
-    denoise: `denoise(params, x, sigma, condition=None, step_condition=None,
-      unconditional_condition=None)`: CFGPrecond's D(x; sigma) on NHWC latents.
+    denoise: `denoise(params, x, sigma, condition=None, step_condition=None, *, uncondition=None,
+      guidance=None)`: CFGPrecond's D(x; sigma) on NHWC latents (see `model.make_denoise`).
     decode: `decode(params, z)`: NHWC latents → NHWC images in about [-1, 1], unclamped.
     vp: the discrete VP table (sigma, sigma_inv).
     sigma_min: the official sampling sigma_min (LDM 0.006, SD 0.1).
@@ -53,6 +57,49 @@ class LatentTeacher:
   def sigma_inv(self, sigma):
     """sigma_inv(sigma) (traced, float32)."""
     return self.vp.sigma_inv_jnp(sigma)
+
+  def _text_config(self):
+    if self.config.text_encoder is None:
+      raise ValueError(f"{self.source}: this teacher has no text encoder (its config has no FrozenCLIPEmbedder)")
+    return self.config.text_encoder
+
+  def tokenize(self, prompts: Sequence[str], tokenizer=None) -> np.ndarray:
+    """SD's token ids of `prompts` (`FrozenCLIPEmbedder`'s tokenizer, on the host).
+
+    Args:
+      prompts: the texts (a single string is one prompt).
+      tokenizer: None (the vocabulary in the installed open_clip_torch wheel), a tokenizer folder
+        (`vocab.json` + `merges.txt`, e.g. a diffusers SD download's `tokenizer/`) or a
+        `clip.tokenizer.Vocabulary`.
+
+    Returns:
+      `[B, 77]` int32 ids, padded with `<|endoftext|>`.
+
+    Raises:
+      VocabularyError: no vocabulary (one line naming the file or how to install it).
+    """
+    config = self._text_config()
+    vocab = tokenizer if tokenizer is None or isinstance(tokenizer, clip_tokenizer.Vocabulary) else (
+        clip_tokenizer.load_vocabulary(tokenizer))
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return clip_tokenizer.sd_tokenize(prompts, vocab, config.positions).astype(np.int32)
+
+  def encode_tokens(self, params, token_ids):
+    """The text encoder on `[B, 77]` ids → `[B, 77, D]` float32 (pure, jit-able)."""
+    config = self._text_config()
+    return sd_text_encoder.encode(params["params"]["cond_stage_model"]["transformer"]["text_model"], config, token_ids)
+
+  def encode_text(self, params, prompts: Sequence[str], tokenizer=None):
+    """SD's `get_learned_conditioning(prompts)`: `[B, 77, D]` float32 CLIP `last_hidden_state`.
+
+    Args:
+      params: the teacher's variables (`teacher.params`).
+      prompts: the texts; `""` gives the unconditional condition.
+      tokenizer: see `tokenize`.
+    """
+    config = self._text_config()
+    return sd_text_encoder.encode_jit(params["params"]["cond_stage_model"]["transformer"]["text_model"], config,
+                                      self.tokenize(prompts, tokenizer))
 
 
 def build_teacher(config: LatentConfig, state_dict, source: str = "<state dict>", guidance_rate: float = 1.0,
@@ -88,7 +135,7 @@ def load_latent_teacher(path, arch=None, guidance_rate: float = 1.0, rng: Option
     path: the checkpoint or converted directory.
     arch: a preset name (`ldm-lsun-bedroom`, `ldm-ffhq`, `sd-v1`), an LDM yaml path or a
       `LatentConfig`; None for a converted directory.
-    guidance_rate: classifier-free guidance of `denoise` (1: conditional only).
+    guidance_rate: the default classifier-free guidance of `denoise` (1: conditional only).
     rng: key for step-condition layers the checkpoint lacks (default key 0).
 
   Raises:
