@@ -126,7 +126,7 @@ def captions(fv):
 
 
 def model_batches(fv):
-  """Loads the model the flags name and returns (its `generate_batches` stream, the seeds)."""
+  """Loads the model the flags name; returns (its `generate_batches` stream, the seeds, the `sampling.Model`)."""
   from sfd_jax import sampling  # pylint: disable=g-import-not-at-top
   if not (fv.network or fv.student) or (fv.network and fv.student):
     raise ValueError('--network or --student: give the model to sample from (exactly one)')
@@ -140,6 +140,8 @@ def model_batches(fv):
     sampling.validate(sampling.teacher_settings(**overrides), options)
   elif fv.max_order is not None:
     raise ValueError('--max_order: a student samples with the settings stored in its checkpoint')
-  model = sampling.load_model(fv.network, fv.student, **overrides)
-  return sampling.model_batches(model, seeds, options=options, batch_size=fv.batch, class_idx=fv['class'].value,
-                                progress=fv.progress), seeds
+  texts = captions(fv)  # a bad prompts file is named before the network loads
+  model = sampling.load_model(fv.network, fv.student, guidance=fv.guidance, **overrides)
+  batches = sampling.model_batches(model, seeds, options=options, batch_size=fv.batch, class_idx=fv['class'].value,
+                                   progress=fv.progress, captions=texts, captions_source=fv.prompts or '--prompt')
+  return batches, seeds, model

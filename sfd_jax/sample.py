@@ -9,6 +9,12 @@ Student (Euler with the settings stored in its checkpoint):
 
   python -m sfd_jax.sample --student=runs/cifar10 --seeds=0-49999 --batch=500 --outdir=out
 
+Stable Diffusion student (seed i takes caption i of the CSV's `text` column, as the official
+sample.py; classifier-free guidance runs both passes in one batch, so the NFE doubles):
+
+  python -m sfd_jax.sample --student=runs/sd --prompts=captions.csv --guidance=7.5 --seeds=0-29999 --outdir=out/sd
+  python -m sfd_jax.sample --student=runs/sd --prompt="a photo of a cat" --seeds=0-15 --grid=cats.png
+
 An image depends on its seed only, not on --batch or the number of devices (see `sfd_jax.sampling`).
 """
 import sys
@@ -33,10 +39,11 @@ def main(argv=None) -> int:
   def body():
     if not (fv.outdir or fv.npz or fv.grid):
       raise ValueError('--outdir, --npz or --grid: give at least one output')
-    batches, seeds = cli.model_batches(fv)
+    batches, seeds, model = cli.model_batches(fv)
     sampling.write_outputs(batches, outdir=fv.outdir, npz=fv.npz, grid=fv.grid)
     where = ', '.join(str(p) for p in (fv.outdir, fv.npz, fv.grid) if p)
-    print(f'{len(seeds)} images from {fv.network or fv.student} -> {where}')
+    guided = f' (guidance {model.guidance:g}: conditional and unconditional passes)' if model.guided else ''
+    print(f'{len(seeds)} images from {fv.network or fv.student} -> {where}, NFE {model.nfe}{guided}')
   return cli.run(PROG, body)
 
 

@@ -69,29 +69,34 @@ def _identity(variables, x):
   return x
 
 
-def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, class_idx, mesh, decode_fn):
-  """Jitted `(variables, seeds) -> (images, classes)` with the batch sharded over `mesh`."""
+def _make_sampler(denoise_fn, shape, t_steps, solver, solver_opts, num_classes, class_idx, mesh, decode_fn,
+                  condition_fn):
+  """Jitted `(variables, seeds, inputs) -> (images, classes)` with the batch sharded over `mesh`."""
   data = NamedSharding(mesh, P('data'))
 
-  def run(variables, seeds):
+  def run(variables, seeds, inputs):
     latents = seed_latents(seeds, shape)
     classes = _batch_classes(seeds, num_classes, class_idx)
-    labels = None if classes is None else jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)
-    denoise = lambda x, sigma: denoise_fn(variables, x, sigma, labels)
+    if condition_fn is not None:
+      condition = condition_fn(variables, inputs)
+    else:
+      condition = None if classes is None else jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)
+    denoise = lambda x, sigma: denoise_fn(variables, x, sigma, condition)
     out = decode_fn(variables, solvers.sample(denoise, latents, t_steps, solver, **solver_opts))
     return out, (jnp.zeros(seeds.shape, jnp.int32) if classes is None else classes)
 
-  return jax.jit(run, in_shardings=(NamedSharding(mesh, P()), data), out_shardings=(data, data))
+  return jax.jit(run, in_shardings=(NamedSharding(mesh, P()), data, data), out_shardings=(data, data))
 
 
 def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', variables=None,
                      batch_size=64, num_classes=0, class_idx=None, devices=None, progress=False,
-                     decode_fn=None, **solver_opts):
+                     decode_fn=None, condition_fn=None, condition_inputs=None, **solver_opts):
   """Samples the given seeds batch by batch: an iterator of `(seeds, images, classes)`.
 
   Args:
-    denoise_fn: `denoise_fn(variables, x, sigma, class_labels) -> D(x; sigma)`, x NHWC,
-      class_labels one-hot `[N, num_classes]` float32 or None.
+    denoise_fn: `denoise_fn(variables, x, sigma, condition) -> D(x; sigma)`, x NHWC; condition
+      the one-hot class labels `[N, num_classes]` float32, None (unconditional), or what
+      `condition_fn` returns.
     shape: one image's shape `(H, W, C)`.
     seeds: iterable of non-negative ints; seed s gives latents from `jax.random.key(s)`.
     t_steps: `[num_steps]` schedule (see `sfd_jax.schedules.get_schedule`).
@@ -105,6 +110,10 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
     progress: show a tqdm progress bar.
     decode_fn: `decode_fn(variables, x) -> images` applied to the solver's output in the same
       program (a latent model's first stage); None: the output is the image.
+    condition_fn: `condition_fn(variables, inputs) -> condition` in the same program (e.g. a text
+      encoder on token ids), replacing the class labels; inputs come from `condition_inputs`.
+    condition_inputs: `condition_inputs(seeds) -> [n, ...]` numpy array on the host, one row
+      per seed of a (padded) batch (e.g. the token ids of seed i's caption), sharded like it.
     **solver_opts: `afs`, `max_order`, `predict_x0`, `lower_order_final`, `thresholding`.
 
   Returns:
@@ -127,13 +136,13 @@ def generate_batches(denoise_fn, shape, seeds, *, t_steps, solver='euler', varia
   mesh = Mesh(np.asarray(devices), ('data',))
   batch_size = math.ceil(max(1, batch_size) / len(devices)) * len(devices)
   sampler = _make_sampler(denoise_fn, tuple(shape), jnp.asarray(t_steps), solver, solver_opts,
-                          num_classes, class_idx, mesh, decode_fn or _identity)
+                          num_classes, class_idx, mesh, decode_fn or _identity, condition_fn)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   # Validation above runs at call time; only the sampling itself is lazy.
-  return _iterate(sampler, variables, seeds, batch_size, num_classes > 0, progress)
+  return _iterate(sampler, variables, seeds, batch_size, num_classes > 0, progress, condition_inputs)
 
 
-def _iterate(sampler, variables, seeds, batch_size, conditional, progress):
+def _iterate(sampler, variables, seeds, batch_size, conditional, progress, condition_inputs=None):
   starts = range(0, len(seeds), batch_size)
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -141,7 +150,8 @@ def _iterate(sampler, variables, seeds, batch_size, conditional, progress):
   for start in starts:
     chunk = seeds[start:start + batch_size]
     padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])]).astype(np.int32)
-    out, classes = sampler(variables, padded)
+    inputs = None if condition_inputs is None else condition_inputs(padded)
+    out, classes = sampler(variables, padded, inputs)
     yield (chunk, np.asarray(out)[:len(chunk)],
            np.asarray(classes, np.int64)[:len(chunk)] if conditional else None)
 
@@ -230,9 +240,21 @@ def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> Sampl
   return dataclasses.replace(stored, num_steps=int(num_steps))
 
 
+class TextConditions(NamedTuple):
+  """How a text-conditioned model turns captions into conditions (Stable Diffusion's CLIP text encoder)."""
+  tokenize: Callable  # tokenize(prompts) -> [n, 77] int32 token ids (host)
+  encode: Callable    # encode(variables, token_ids) -> [n, 77, D] float32 (traced)
+
+
+# The official SD sampling guidance (the rate sfd-main's sample.py reads from the training run's
+# --guidance_rate; 7.5 is Stable Diffusion's usual rate and the fixture's guided case).
+DEFAULT_GUIDANCE = 7.5
+
+
 class Model(NamedTuple):
-  """A network ready to sample: config, variables, `denoise_fn(variables, x, sigma, labels)`, settings,
-  and what sampling it needs beyond them (a latent student: latent shape, VP table, decoder)."""
+  """A network ready to sample: config, variables, `denoise_fn(variables, x, sigma, condition)`, settings,
+  and what sampling it needs beyond them (a latent model: latent shape, VP table, decoder; a
+  text-conditioned one: its text encoder and the guidance)."""
   config: Any
   variables: dict
   denoise_fn: Callable
@@ -240,15 +262,32 @@ class Model(NamedTuple):
   shape: tuple = ()                   # (H, W, C) the solver runs on; () = the config's image shape
   vp: Any = None                      # discrete VP table ('discrete' schedules)
   decode_fn: Optional[Callable] = None  # decode_fn(variables, x) -> images; None: x are the images
+  text: Optional[TextConditions] = None  # a text-conditioned model's tokenizer and encoder
+  guidance: float = 1.0               # classifier-free guidance (text models); 1: conditional pass only
+
+  @property
+  def guided(self) -> bool:
+    """Whether each step runs the conditional and unconditional passes (one batch of 2N)."""
+    return self.text is not None and self.guidance != 1.0
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per image, both passes counted when guided (as the official sample.py)."""
+    s = self.settings
+    return solvers.nfe(s.solver, s.num_steps, s.afs) * (2 if self.guided else 1)
 
 
-def load_model(network=None, student=None, **overrides) -> Model:
+def load_model(network=None, student=None, guidance=None, **overrides) -> Model:
   """Loads a teacher (`network`) or a distilled student and resolves its sampling settings.
 
   Args:
     network: EDM snapshot .pkl, converted directory or SFD workdir, sampled as a teacher.
     student: a training workdir or checkpoint directory, sampled with its stored settings.
+    guidance: classifier-free guidance of a text-conditioned model (None: `DEFAULT_GUIDANCE`).
     **overrides: `SamplingSettings` fields (None = default / stored).
+
+  Raises:
+    ValueError: `guidance` for a model without text conditions, or a bad setting (one line).
   """
   from sfd_jax.networks import make_denoise  # pylint: disable=g-import-not-at-top
   if student:
@@ -257,11 +296,12 @@ def load_model(network=None, student=None, **overrides) -> Model:
     settings = student_settings(stored, **overrides)
     from sfd_jax.latent.config import LatentConfig  # pylint: disable=g-import-not-at-top
     if isinstance(config, LatentConfig):  # a latent teacher's student
-      return _latent_student_model(config, variables, settings)
+      return _latent_student_model(config, variables, settings, guidance)
   else:
     from sfd_jax.io import load_network  # pylint: disable=g-import-not-at-top
     config, variables = load_network(network)
     settings = teacher_settings(config, **overrides)
+  _check_guidance(guidance, text=False)
   step_condition = settings.num_steps if settings.use_step_condition else None
   denoise = make_denoise(config)
 
@@ -270,28 +310,81 @@ def load_model(network=None, student=None, **overrides) -> Model:
   return Model(config, variables, denoise_fn, settings)
 
 
-def _latent_student_model(config, variables, settings: SamplingSettings) -> Model:
-  """A latent student: CFGPrecond over its UNet with the VP table and first stage it carries."""
+def _check_guidance(guidance, text: bool) -> float:
+  """The guidance to sample with; a one-line ValueError naming `--guidance` when it cannot apply."""
+  if guidance is None:
+    return DEFAULT_GUIDANCE if text else 1.0
+  if not text:
+    raise ValueError('--guidance: the model is not text-conditioned (classifier-free guidance needs the '
+                     'unconditional text condition)')
+  if not math.isfinite(guidance):
+    raise ValueError(f'--guidance: need a finite number, got {guidance}')
+  return float(guidance)
+
+
+def _latent_student_model(config, variables, settings: SamplingSettings, guidance=None) -> Model:
+  """A latent student: CFGPrecond over its UNet with the VP table, first stage (and for Stable
+  Diffusion the text encoder) it carries as buffers."""
   from sfd_jax.latent import student as latent_student  # pylint: disable=g-import-not-at-top
   vp = latent_student.student_vp(variables)
   denoise = latent_student.make_student_denoise(config, vp)
   step_condition = settings.num_steps if settings.use_step_condition else None
+  text = None
+  if config.text_encoder is not None:
+    text = TextConditions(latent_student.make_tokenize(config), latent_student.make_student_encode(config))
+  guidance = _check_guidance(guidance, text is not None)
 
   def denoise_fn(variables, x, sigma, condition):
-    return denoise(variables, x, sigma, condition, step_condition=step_condition)
+    condition, uncondition = condition if text is not None else (None, None)
+    return denoise(variables, x, sigma, condition, step_condition=step_condition, uncondition=uncondition,
+                   guidance=guidance)
   return Model(config, variables, denoise_fn, settings, latent_student.latent_shape(config), vp,
-               latent_student.make_student_decode(config))
+               latent_student.make_student_decode(config), text, guidance)
+
+
+def _text_conditions(model: Model, captions, captions_source: str):
+  """`(condition_fn, condition_inputs)` of a text model: seed i takes caption i (the official
+  sample.py); the unconditional condition is the encoding of "" (only when guided)."""
+  from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
+  text, guided = model.text, model.guided
+  empty = np.asarray(text.tokenize(['']))
+
+  def condition_inputs(seeds):
+    return np.asarray(text.tokenize(prompts.captions_at(captions, seeds, captions_source, what='seed')))
+
+  def condition_fn(variables, token_ids):
+    condition = text.encode(variables, token_ids)
+    if not guided:
+      return condition, None
+    return condition, jnp.broadcast_to(text.encode(variables, empty), condition.shape)
+  return condition_fn, condition_inputs
 
 
 def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions(), batch_size=64,
-                  class_idx=None, devices=None, progress=False):
-  """`generate_batches` for a loaded `Model` with its settings."""
+                  class_idx=None, devices=None, progress=False, captions=None, captions_source='--prompts'):
+  """`generate_batches` for a loaded `Model` with its settings.
+
+  Args:
+    captions: a text-conditioned model's captions (seed i takes caption i), or one str for every
+      seed; None for other models.
+    captions_source: how the captions were given, named in errors (the prompts file).
+  """
   s, config = model.settings, model.config
   validate(s, options)
   num_classes = getattr(config, 'label_dim', 0)
   if class_idx is not None and not 0 <= class_idx < max(num_classes, 1):
     raise ValueError(f'--class: need 0 <= class < {num_classes} for this model, got {class_idx}'
                      if num_classes else '--class: the model is unconditional')
+  conditions = {}
+  if model.text is None and captions is not None:
+    raise ValueError('--prompts / --prompt: the model is not text-conditioned')
+  if model.text is not None:
+    if captions is None:
+      raise ValueError('--prompts or --prompt: a text-conditioned model samples from captions (seed i takes '
+                       'caption i of --prompts)')
+    from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
+    prompts.captions_at(captions, seeds, captions_source, what='seed')  # every seed has its caption
+    conditions = dict(zip(('condition_fn', 'condition_inputs'), _text_conditions(model, captions, captions_source)))
   t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho,
                                    vp=model.vp)
   solver_opts = dict(afs=s.afs)
@@ -301,7 +394,7 @@ def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions
   return generate_batches(model.denoise_fn, shape, seeds, t_steps=t_steps, solver=s.solver,
                           variables=model.variables, batch_size=batch_size, num_classes=num_classes,
                           class_idx=class_idx, devices=devices, progress=progress, decode_fn=model.decode_fn,
-                          **solver_opts)
+                          **conditions, **solver_opts)
 
 
 def write_outputs(batches, *, outdir=None, npz=None, grid=None):

@@ -134,7 +134,7 @@ def _model_calc(fv, chosen, captions):
   on_batch = None if running is None else (
       lambda seeds, pixels: running.update(pixels, prompts.captions_at(captions, seeds, what='seed')))
   det = _load_detector(fv.detector) if 'fid' in chosen or 'prdc' in chosen else None
-  generated, seeds = cli.model_batches(fv)
+  generated, seeds, _ = cli.model_batches(fv)
   batches = evaluate.sample_batches(generated, on_batch)
   results = dict(count=len(seeds))
   if det is not None:

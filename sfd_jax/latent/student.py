@@ -7,6 +7,8 @@ samples and decodes. Params and buffers together flatten to the checkpoint's sta
 """
 from typing import Callable
 
+import numpy as np
+
 from sfd_jax.latent.config import LatentConfig
 from sfd_jax.latent.model import make_decode, make_denoise
 from sfd_jax.latent.vp import VPDiscrete
@@ -38,6 +40,30 @@ def make_student_decode(config: LatentConfig) -> Callable:
     return decode({"params": {"first_stage_model": variables["buffers"]["first_stage_model"]}}, z)
 
   return student_decode
+
+
+def make_student_encode(config: LatentConfig) -> Callable:
+  """`encode(variables, token_ids)`: `[N, 77]` ids → `[N, 77, D]` float32, SD's frozen CLIP text
+  encoder as the student carries it (`buffers['cond_stage_model']['transformer']['text_model']`)."""
+  from sfd_jax.clip import sd_text_encoder  # pylint: disable=g-import-not-at-top
+  text_config = config.text_encoder
+
+  def encode(variables, token_ids):
+    params = variables["buffers"]["cond_stage_model"]["transformer"]["text_model"]
+    return sd_text_encoder.encode(params, text_config, token_ids)
+
+  return encode
+
+
+def make_tokenize(config: LatentConfig, vocab=None) -> Callable:
+  """`tokenize(prompts)` → `[N, 77]` int32: SD's `FrozenCLIPEmbedder` ids (padded with EOT), on the host.
+
+  Args:
+    vocab: a `clip.tokenizer.Vocabulary` (None: the one in the installed open_clip_torch wheel).
+  """
+  from sfd_jax.clip import tokenizer  # pylint: disable=g-import-not-at-top
+  positions = config.text_encoder.positions
+  return lambda prompts: tokenizer.sd_tokenize(list(prompts), vocab, positions).astype(np.int32)
 
 
 def image_shape(config: LatentConfig) -> tuple:
