@@ -153,3 +153,35 @@ def test_cli_errors_are_one_line(student_dir, captions_csv, capsys):
       sample.main(argv + ["--noprogress"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_fid_calc_of_an_sd_student_equals_sampling_to_pngs_then_calc(student_dir, captions_csv, tmp_path, capsys,
+                                                                      monkeypatch):
+  """`fid calc --student --prompts --metrics=fid,clip` samples once and scores seed i's image against
+  caption i: the same numbers as writing the PNGs and scoring the folder (sorted order = seed order)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from sfd_jax.fid import __main__ as fid_main  # pylint: disable=g-import-not-at-top
+  from sfd_jax.fid import commands, metrics  # pylint: disable=g-import-not-at-top
+  from sfd_jax.fid import detector as detector_lib  # pylint: disable=g-import-not-at-top
+  inception = detector_lib.random_detector(seed=0, resolution=75)
+  monkeypatch.setattr(commands, "_load_detector", lambda path: inception)
+  stats = []
+  monkeypatch.setattr(metrics, "frechet_distance", lambda *a: stats.append(a) or 0.0)
+  config = tmp_path / "open_clip_config.json"
+  config.write_text(json.dumps(json.loads((FIXTURES / "clip" / "clip_T1.json").read_text())["open_clip_model_config"]))
+  ref = tmp_path / "ref.npz"
+  metrics.save_stats(ref, np.zeros(2048), np.eye(2048))
+  clip = ["--metrics=fid,clip", f"--clip_model={FIXTURES / 'clip' / 'clip_T1.safetensors'}", f"--clip_config={config}",
+          f"--prompts={captions_csv}", f"--ref={ref}", "--batch=8", "--noprogress"]
+  assert sample.main(["--student", student_dir, "--seeds", "0-4", "--prompts", captions_csv, "--batch", "8",
+                      "--outdir", str(tmp_path / "png"), "--noprogress"]) == 0
+  capsys.readouterr()
+  codes = [fid_main.main(["calc", f"--images={tmp_path / 'png'}", *clip]),
+           fid_main.main(["calc", f"--student={student_dir}", "--num=5", *clip])]
+  assert codes == [0, 0]
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 4 and all(": 5 images, " in line for line in lines)
+  score = lambda line: float(line.split("CLIP score ")[1])
+  assert score(lines[0]) == score(lines[2]) and lines[1].endswith("FID 0") and lines[3].endswith("FID 0")
+  np.testing.assert_array_equal(stats[0][0], stats[1][0])
+  np.testing.assert_array_equal(stats[0][1], stats[1][1])
