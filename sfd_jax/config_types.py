@@ -108,6 +108,10 @@ class RunConfig:
   dataset_name: str = 'cifar10'       # informational; recorded with the student
   img_resolution: int = 0             # expected teacher resolution (checked at load); 0 accepts any
   label_dim: int = -1                 # expected teacher label dimension (checked at load); < 0 accepts any
+  prompts: str = ''                   # text-conditioned (Stable Diffusion) teachers: a CSV with a `text` column (the
+                                      #   official MS-COCO val2014 30k captions); required for them, unused otherwise
+  tokenizer: str = ''                 # SD: a CLIP tokenizer folder (vocab.json + merges.txt, e.g. a diffusers download's
+                                      #   tokenizer/); '' = the vocabulary in the installed open_clip_torch wheel
   distill: DistillSettings = DistillSettings()
   optim: OptimSettings = OptimSettings()
   train: TrainSettings = TrainSettings()

@@ -172,9 +172,10 @@ def _check_latent_settings(run: RunConfig, teacher) -> None:
 
 def _latent_models(run: RunConfig) -> Models:
   """A latent teacher (LitEma weights if any) and its student: the raw UNet weights plus the
-  step-condition layers (fresh from `train.seed` where the checkpoint lacks them)."""
+  step-condition layers (fresh from `train.seed` where the checkpoint lacks them); a Stable
+  Diffusion teacher's prompts as the condition source (`prompt_source`)."""
   from sfd_jax.latent import student as latent_student  # Flax lives behind these modules
-  from sfd_jax.latent.config import config_to_dict
+  from sfd_jax.latent.config import config_to_dict, resolve_arch
   from sfd_jax.latent.teacher import load_latent_teacher
   if not run.teacher_arch and not os.path.isdir(run.teacher):
     raise ValueError(f'config.teacher={run.teacher}: an LDM / SD checkpoint needs --config.teacher_arch '
@@ -182,19 +183,52 @@ def _latent_models(run: RunConfig) -> Models:
   if run.teacher_arch and os.path.isdir(run.teacher):
     raise ValueError(f'config.teacher={run.teacher}: a converted teacher directory names its own architecture; '
                      f'pass --config.teacher_arch= (empty) instead of {run.teacher_arch!r}')
+  if run.teacher_arch and resolve_arch(run.teacher_arch).text_encoder is not None:
+    _check_prompts_given(run)  # before reading a multi-GB checkpoint
   teacher = load_latent_teacher(run.teacher, run.teacher_arch or None, rng=jax.random.key(run.train.seed))
   config = teacher.config
-  if config.conditioning_key:
-    raise ValueError(f'config.teacher={run.teacher}: a text-conditioned ({config.conditioning_key}) teacher needs '
-                     'prompts, which the training loop does not draw yet; unconditional LDM teachers only')
+  if config.conditioning_key and config.text_encoder is None:
+    raise ValueError(f'config.teacher={run.teacher}: a {config.conditioning_key} teacher without a FrozenCLIPEmbedder '
+                     'text encoder is not supported (Stable Diffusion v1 only)')
   _check_fit(run, latent_student.image_shape(config)[0], 0)
   _check_latent_settings(run, teacher)
+  source = conditions.unconditional() if config.text_encoder is None else prompt_source(run, teacher)
   variables = latent_student.student_variables(teacher.raw_params)
-  family = Family(shape=latent_student.latent_shape(config), condition=conditions.unconditional(),
+  family = Family(shape=latent_student.latent_shape(config), condition=source,
                   network_meta=dict(latent_network=config_to_dict(config)),
                   decode=latent_student.make_student_decode(config), vp=teacher.vp)
-  return Models(teacher.denoise, teacher.params, config, latent_student.make_student_denoise(config, teacher.vp),
-                variables, config, family)
+  # The step's teacher needs no text encoder (the condition source holds it).
+  teacher_variables = dict(teacher.params, params={k: v for k, v in teacher.params['params'].items()
+                                                   if k != 'cond_stage_model'})
+  return Models(teacher.denoise, teacher_variables, config,
+                latent_student.make_student_denoise(config, teacher.vp), variables, config, family)
+
+
+def _check_prompts_given(run: RunConfig) -> None:
+  if not run.prompts:
+    raise ValueError(f'config.teacher={run.teacher}: a text-conditioned (Stable Diffusion) teacher needs prompts: '
+                     'pass --config.prompts=PATH.csv (a CSV with a text column, e.g. the MS-COCO captions)')
+
+
+def prompt_source(run: RunConfig, teacher) -> conditions.ConditionSource:
+  """Text conditions of a Stable Diffusion teacher: the prompts of `config.prompts`, tokenised once
+  here, drawn distinct within each batch and encoded by the teacher's frozen text encoder inside
+  the jitted batch function. Training uses the conditional branch only (guidance 1), as the
+  official loop does.
+
+  Raises:
+    ValueError: one line: no prompts file given, the file unreadable / without a `text` column /
+      empty, fewer prompts than a batch, or no tokenizer vocabulary.
+  """
+  from sfd_jax.clip.prompts import read_prompts
+  _check_prompts_given(run)
+  prompts = read_prompts(run.prompts)
+  if len(prompts) < run.train.batch:
+    raise ValueError(f'config.prompts={run.prompts}: {len(prompts)} prompts, fewer than config.train.batch='
+                     f'{run.train.batch} (the prompts of a batch are distinct)')
+  token_ids = teacher.tokenize(prompts, run.tokenizer or None)
+  encoder = {'params': {'cond_stage_model': teacher.params['params']['cond_stage_model']}}
+  return conditions.text_prompts(token_ids, teacher.encode_tokens, encoder)
 
 
 def step_options(train_settings, num_devices: int) -> sfd.StepOptions:

@@ -1,8 +1,9 @@
 """SD v1's CLIP text encoder against the official `get_learned_conditioning` outputs of the tiny
-SD fixture (tests/fixtures/ldm/README_sd_tiny_text.md: hidden 32, 4 heads, MLP 64, 2 layers, quick GELU).
+SD fixture (tests/fixtures/ldm/sd_tiny.*, README_sd_tiny_text.md: hidden 32, 4 heads, MLP 64, 2 layers, quick GELU).
 
 float32 tolerance: four times the official code's measured float32-vs-float64 gap on `cond`
 (8.4e-7, values up to 3.6); under x64 the port must match the float64 run to rounding."""
+import json
 import math
 
 import jax
@@ -18,14 +19,25 @@ CONFIG = TextEncoderConfig(width=32, layers=2, heads=4, mlp=64)
 TOL = 4 * 8.4e-7
 
 
+def sd_tiny_text() -> dict:
+  """The text-encoder pieces of the tiny SD fixture (README_sd_tiny_text.md): the checkpoint's
+  `cond_stage_model.*` tensors, the arrays of sd_tiny.npz and the prompts of sd_tiny.json."""
+  from safetensors.numpy import load_file
+  ldm = FIXTURES / 'ldm'
+  out = {k: v for k, v in load_file(ldm / 'sd_tiny.safetensors').items() if k.startswith('cond_stage_model.')}
+  out.update(np.load(ldm / 'sd_tiny.npz'))
+  out['prompts'] = np.asarray(json.loads((ldm / 'sd_tiny.json').read_text())['prompts'])
+  return out
+
+
 @pytest.fixture(scope='module')
 def fixture():
-  return np.load(FIXTURES / 'ldm' / 'sd_tiny_text.npz')
+  return sd_tiny_text()
 
 
 @pytest.fixture(scope='module')
 def state_dict(fixture):
-  return {k: fixture[k] for k in fixture.files if k.startswith('cond_stage_model.')}
+  return {k: v for k, v in fixture.items() if k.startswith('cond_stage_model.')}
 
 
 @pytest.fixture(scope='module')

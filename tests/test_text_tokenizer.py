@@ -19,7 +19,9 @@ def clip_t1():
 
 @pytest.fixture(scope='module')
 def sd_text():
-  return np.load(FIXTURES / 'ldm' / 'sd_tiny_text.npz')
+  """sd_tiny.npz's token ids and sd_tiny.json's prompts (README_sd_tiny_text.md)."""
+  ldm = FIXTURES / 'ldm'
+  return dict(np.load(ldm / 'sd_tiny.npz'), prompts=json.loads((ldm / 'sd_tiny.json').read_text())['prompts'])
 
 
 def test_open_clip_ids_of_the_clip_score_captions(clip_t1):
