@@ -90,6 +90,9 @@ def define_model_flags(fv):
   flags.DEFINE_string('prompts', None, 'captions CSV with a `text` column (the MS-COCO 30k file): seed i takes '
                       'caption i (text-conditioned models; fid calc --metrics=clip)', flag_values=fv)
   flags.DEFINE_string('prompt', None, 'one caption for every seed (instead of --prompts)', flag_values=fv)
+  flags.DEFINE_string('tokenizer', None, 'text-conditioned models: a CLIP tokenizer folder (vocab.json + merges.txt, '
+                      'e.g. a diffusers SD download\'s tokenizer/); None: the installed open_clip_torch vocabulary',
+                      flag_values=fv)
   flags.DEFINE_float('guidance', None, 'classifier-free guidance rate of a text-conditioned model; 1 runs the '
                      'conditional model alone (default 7.5, the official SD sampling rate)', flag_values=fv)
   d = sampling.TEACHER_DEFAULTS
@@ -141,7 +144,7 @@ def model_batches(fv):
   elif fv.max_order is not None:
     raise ValueError('--max_order: a student samples with the settings stored in its checkpoint')
   texts = captions(fv)  # a bad prompts file is named before the network loads
-  model = sampling.load_model(fv.network, fv.student, guidance=fv.guidance, **overrides)
+  model = sampling.load_model(fv.network, fv.student, guidance=fv.guidance, tokenizer=fv.tokenizer, **overrides)
   batches = sampling.model_batches(model, seeds, options=options, batch_size=fv.batch, class_idx=fv['class'].value,
                                    progress=fv.progress, captions=texts, captions_source=fv.prompts or '--prompt')
   return batches, seeds, model

@@ -277,13 +277,15 @@ class Model(NamedTuple):
     return solvers.nfe(s.solver, s.num_steps, s.afs) * (2 if self.guided else 1)
 
 
-def load_model(network=None, student=None, guidance=None, **overrides) -> Model:
+def load_model(network=None, student=None, guidance=None, tokenizer=None, **overrides) -> Model:
   """Loads a teacher (`network`) or a distilled student and resolves its sampling settings.
 
   Args:
     network: EDM snapshot .pkl, converted directory or SFD workdir, sampled as a teacher.
     student: a training workdir or checkpoint directory, sampled with its stored settings.
     guidance: classifier-free guidance of a text-conditioned model (None: `DEFAULT_GUIDANCE`).
+    tokenizer: a text-conditioned model's CLIP tokenizer folder (`vocab.json` + `merges.txt`); None:
+      the vocabulary in the installed open_clip_torch wheel (the same ids).
     **overrides: `SamplingSettings` fields (None = default / stored).
 
   Raises:
@@ -296,12 +298,13 @@ def load_model(network=None, student=None, guidance=None, **overrides) -> Model:
     settings = student_settings(stored, **overrides)
     from sfd_jax.latent.config import LatentConfig  # pylint: disable=g-import-not-at-top
     if isinstance(config, LatentConfig):  # a latent teacher's student
-      return _latent_student_model(config, variables, settings, guidance)
+      return _latent_student_model(config, variables, settings, guidance, tokenizer)
   else:
     from sfd_jax.io import load_network  # pylint: disable=g-import-not-at-top
     config, variables = load_network(network)
     settings = teacher_settings(config, **overrides)
   _check_guidance(guidance, text=False)
+  _check_tokenizer(tokenizer, text=False)
   step_condition = settings.num_steps if settings.use_step_condition else None
   denoise = make_denoise(config)
 
@@ -322,7 +325,12 @@ def _check_guidance(guidance, text: bool) -> float:
   return float(guidance)
 
 
-def _latent_student_model(config, variables, settings: SamplingSettings, guidance=None) -> Model:
+def _check_tokenizer(tokenizer, text: bool) -> None:
+  if tokenizer is not None and not text:
+    raise ValueError('--tokenizer: the model is not text-conditioned')
+
+
+def _latent_student_model(config, variables, settings: SamplingSettings, guidance=None, tokenizer=None) -> Model:
   """A latent student: CFGPrecond over its UNet with the VP table, first stage (and for Stable
   Diffusion the text encoder) it carries as buffers."""
   from sfd_jax.latent import student as latent_student  # pylint: disable=g-import-not-at-top
@@ -331,8 +339,11 @@ def _latent_student_model(config, variables, settings: SamplingSettings, guidanc
   step_condition = settings.num_steps if settings.use_step_condition else None
   text = None
   if config.text_encoder is not None:
-    text = TextConditions(latent_student.make_tokenize(config), latent_student.make_student_encode(config))
+    from sfd_jax.clip import tokenizer as clip_tokenizer  # pylint: disable=g-import-not-at-top
+    vocab = None if tokenizer is None else clip_tokenizer.load_vocabulary(tokenizer)
+    text = TextConditions(latent_student.make_tokenize(config, vocab), latent_student.make_student_encode(config))
   guidance = _check_guidance(guidance, text is not None)
+  _check_tokenizer(tokenizer, text is not None)
 
   def denoise_fn(variables, x, sigma, condition):
     condition, uncondition = condition if text is not None else (None, None)
@@ -342,9 +353,10 @@ def _latent_student_model(config, variables, settings: SamplingSettings, guidanc
                latent_student.make_student_decode(config), text, guidance)
 
 
-def _text_conditions(model: Model, captions, captions_source: str):
-  """`(condition_fn, condition_inputs)` of a text model: seed i takes caption i (the official
-  sample.py); the unconditional condition is the encoding of "" (only when guided)."""
+def text_conditions(model: Model, captions, captions_source: str = '--prompts'):
+  """`(condition_fn, condition_inputs)` of a text model for `generate_batches`: seed i takes
+  caption i (the official sample.py; one str: every seed's); the unconditional condition is the
+  encoding of "" (only when guided)."""
   from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
   text, guided = model.text, model.guided
   empty = np.asarray(text.tokenize(['']))
@@ -384,7 +396,7 @@ def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions
                        'caption i of --prompts)')
     from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
     prompts.captions_at(captions, seeds, captions_source, what='seed')  # every seed has its caption
-    conditions = dict(zip(('condition_fn', 'condition_inputs'), _text_conditions(model, captions, captions_source)))
+    conditions = dict(zip(('condition_fn', 'condition_inputs'), text_conditions(model, captions, captions_source)))
   t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho,
                                    vp=model.vp)
   solver_opts = dict(afs=s.afs)

@@ -116,7 +116,7 @@ def test_guidance_one_runs_the_conditional_model_alone(teacher, student_dir, tol
   out = sampling.generate(model.denoise_fn, model.shape, [1], t_steps=schedules.get_schedule(
       NUM_STEPS, teacher.sigma_min, teacher.sigma_max, "discrete", 1.0, vp=teacher.vp), solver="euler", afs=True,
       variables=model.variables, decode_fn=model.decode_fn,
-      **dict(zip(("condition_fn", "condition_inputs"), sampling._text_conditions(model, CAPTIONS, "c.csv"))))
+      **dict(zip(("condition_fn", "condition_inputs"), sampling.text_conditions(model, CAPTIONS, "c.csv"))))
   np.testing.assert_allclose(out, reference(teacher, [1], [CAPTIONS[1]], 1.0), rtol=0, atol=tol)
 
 
@@ -145,6 +145,9 @@ def test_cli_errors_are_one_line(student_dir, captions_csv, capsys):
       (["--student", student_dir, "--grid", "g.png", "--prompts", captions_csv, "--seeds", "0-5"],
        "captions.csv: holds 5 captions, but seed 5 takes caption 5"),
       (["--student", student_dir, "--grid", "g.png", "--prompt", "a", "--guidance", "nan"], "--guidance: need a finite"),
+      (["--student", student_dir, "--grid", "g.png", "--prompt", "a", "--tokenizer", "/no/tokenizer"],
+       "/no/tokenizer: no such file or folder"),
+      (["--network", pkl, "--grid", "g.png", "--tokenizer", "/no/tokenizer"], "--tokenizer: the model is not text-cond"),
       (["--network", pkl, "--grid", "g.png", "--prompt", "a cat"], "--prompts / --prompt: the model is not text-cond"),
       (["--network", pkl, "--grid", "g.png", "--guidance", "7.5"], "--guidance: the model is not text-conditioned"),
   ]
