@@ -188,3 +188,37 @@ def test_fid_calc_of_an_sd_student_equals_sampling_to_pngs_then_calc(student_dir
   assert score(lines[0]) == score(lines[2]) and lines[1].endswith("FID 0") and lines[3].endswith("FID 0")
   np.testing.assert_array_equal(stats[0][0], stats[1][0])
   np.testing.assert_array_equal(stats[0][1], stats[1][1])
+
+
+@pytest.mark.slow
+def test_a_trained_sd_student_samples_with_guidance(teacher, captions_csv, tmp_path, capsys, tol):
+  """configs/ms_coco.py trains the tiny SD student for two iterations (as tests/test_sd_train.py);
+  its checkpoint samples with guidance from the command line, as the teacher's path with the
+  student's UNet does."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT, cli_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  flags = [f"--config.teacher={LDM / 'sd_tiny.safetensors'}", f"--config.teacher_arch={LDM / 'sd_tiny.yaml'}",
+           "--config.img_resolution=64", "--config.train.batch=4", "--config.train.batch_per_device=1",
+           "--config.train.total_kimg=0.008", "--config.train.kimg_per_tick=0.004", "--config.train.checkpoint_ticks=2",
+           "--config.train.grid_size=2", f"--config.prompts={captions_csv}"]
+  result = subprocess.run([sys.executable, "-m", "sfd_jax.main", "--config=configs/ms_coco.py", f"--workdir={workdir}",
+                           *flags], cwd=ROOT, env=cli_env(2, tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sample.main(["--student", str(workdir), "--prompts", captions_csv, "--seeds", "0-1", "--npz",
+                      str(tmp_path / "s.npz"), "--noprogress"]) == 0
+  assert "NFE 4 (guidance 7.5" in capsys.readouterr().out  # ms_coco: 4 time points with AFS, 2 NFE per pass
+  student = checkpoint.load_student(workdir)
+  trained, start = student.variables["params"]["model"], teacher.raw_params["params"]["model"]
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start)))
+  params = dict(teacher.raw_params, params=dict(teacher.raw_params["params"], model=student.variables["params"]["model"]))
+  latents = sampling.seed_latents(jnp.arange(2), latent_student.latent_shape(teacher.config))
+  t_steps = schedules.get_schedule(4, teacher.sigma_min, teacher.sigma_max, "discrete", 1.0, vp=teacher.vp)
+  cond, uncond = teacher.encode_text(params, CAPTIONS[:2]), teacher.encode_text(params, ["", ""])
+  denoise = lambda x, sigma: teacher.denoise(params, x, sigma, condition=cond, uncondition=uncond, guidance=7.5)
+  want = images.to_uint8(np.asarray(jax.jit(lambda z: teacher.decode(params, solvers.sample(
+      denoise, z, t_steps, "euler", afs=True)))(latents)))
+  got = np.load(tmp_path / "s.npz")["arr_0"]
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # a level where float32 rounding falls
