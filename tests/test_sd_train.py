@@ -183,3 +183,24 @@ def test_ms_coco_config_has_the_official_values():
       'discrete', 1.0, 4, True)
   assert run.train.batch == 128 and train.step_options(run.train, 1).micro_batches == 64
   assert run.prompts == '' and run.optim.lr == 5e-5
+
+
+def test_prompt_source_reads_a_tokenizer_folder(teacher, tmp_path):
+  """`--config.tokenizer=FOLDER` (vocab.json + merges.txt, written here from the wheel's merges as
+  tests/test_text_tokenizer.py does) gives the same token table; a missing folder is one line."""
+  import gzip
+  from sfd_jax.clip import VocabularyError, tokenizer
+  from sfd_jax.config_types import RunConfig, TrainSettings
+  merges = gzip.open(tokenizer.open_clip_bpe_file()).read().decode('utf-8').split('\n')[1:1 + tokenizer.NUM_MERGES]
+  vocab = tokenizer.load_vocabulary(specials=tokenizer.OPENAI_SPECIALS)
+  folder = tmp_path / 'tokenizer'
+  folder.mkdir()
+  (folder / 'vocab.json').write_text(json.dumps(dict(sorted(vocab.encoder.items()))), encoding='utf-8')
+  (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n', encoding='utf-8')
+  run = RunConfig(teacher=str(CKPT), prompts=str(write_prompts(tmp_path / 'p.csv')), tokenizer=str(folder),
+                  train=TrainSettings(batch=BATCH))
+  source = train.prompt_source(run, teacher)
+  np.testing.assert_array_equal(source.variables['token_ids'], teacher.tokenize(PROMPTS))
+  with pytest.raises(VocabularyError, match=f'^{tmp_path / "none"}: no such file or folder'):
+    train.prompt_source(RunConfig(teacher=str(CKPT), prompts=run.prompts, tokenizer=str(tmp_path / 'none'),
+                                  train=TrainSettings(batch=BATCH)), teacher)
