@@ -29,6 +29,13 @@ from sfd_jax import schedules, solvers  # noqa: E402
 from sfd_jax.latent import student as latent_student  # noqa: E402
 
 
+def flops(compiled) -> float:
+  """XLA's count of floating-point operations of one call (independent of machine load)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan')))
+
+
 def timed(fn, *args):
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
@@ -42,6 +49,7 @@ def main():
   parser.add_argument('--iters', type=int, default=2, help='timed rounds (student, then decoder)')
   parser.add_argument('--num_steps', type=int, default=4, help='time points; NFE = num_steps - 2 with AFS')
   parser.add_argument('--json', default='', help='also write the results to this JSON file')
+  parser.add_argument('--flops_only', action='store_true', help='compile and count FLOPs, time nothing')
   args = parser.parse_args()
 
   teacher = latent_random.random_teacher(args.arch)
@@ -62,10 +70,16 @@ def main():
   t0 = time.perf_counter()
   sample_c = sample.lower(variables, key).compile()
   compile_student = time.perf_counter() - t0
-  latents = jax.block_until_ready(sample_c(variables, key))
+  latents = jax.ShapeDtypeStruct(shape, jnp.float32)
   t0 = time.perf_counter()
   decode_c = jax.jit(decode).lower(variables, latents).compile()
   compile_decoder = time.perf_counter() - t0
+  gflop = dict(student=flops(sample_c) / args.batch / 1e9, decoder=flops(decode_c) / args.batch / 1e9)
+  print(f"XLA's FLOP count per image: student (NFE {args.num_steps - 2}) {gflop['student']:.1f} GFLOP, "
+        f"decoder {gflop['decoder']:.1f} GFLOP (decoder {gflop['decoder'] / sum(gflop.values()):.0%})", flush=True)
+  if args.flops_only:
+    return
+  latents = jax.block_until_ready(sample_c(variables, key))
   jax.block_until_ready(decode_c(variables, latents))  # warm-up run of both
   student_s, decoder_s = [], []
   for i in range(args.iters):
@@ -80,7 +94,8 @@ def main():
   result = dict(arch=args.arch, device=f'{jax.devices()[0].device_kind} x{jax.device_count()}',
                 cpu=platform.processor() or platform.machine(), jax=jax.__version__, batch=args.batch,
                 nfe=args.num_steps - 2, latent=list(shape[1:]), image=list(out.shape[1:]), unet_params=unet,
-                compile_student_s=compile_student, compile_decoder_s=compile_decoder, student_s=student_s,
+                gflop_per_image=gflop, compile_student_s=compile_student, compile_decoder_s=compile_decoder,
+                student_s=student_s,
                 decoder_s=decoder_s, student_median_s=s, decoder_median_s=d, decoder_share=d / (s + d),
                 images_per_s=args.batch / (s + d), peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 finite=bool(np.isfinite(np.asarray(out)).all()))

@@ -345,23 +345,36 @@ def median(xs):
 def driver(args):
   impls = [i for i in ('official', 'sfd_jax') if i in args.only.split(',')]
   workers = {}
-  results = dict(model=args.model, batch=args.batch, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+  results = dict(model=args.model, sequential=args.sequential, batch=args.batch, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                  date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), load_before=os.getloadavg(),
                  rounds=args.rounds, impls={})
+  def start(impl):
+    workers[impl] = Worker(impl, args)
+    info = workers[impl].ready()
+    results['impls'][impl] = dict(info, seconds=[])
+    print(f'{impl}: ready after {info["wall_setup_s"]:.1f} s (compile {info["setup_s"]:.1f} s, first iteration '
+          f'{info["first_s"]:.1f} s); {info["params"]:,} params on {info["device"]}, {info["dtype"]}', flush=True)
+
+  def run(impl, r):
+    out = workers[impl].run()
+    results['impls'][impl]['seconds'].append(out['seconds'])
+    results['impls'][impl].update(peak_rss_gb=out['peak_rss_gb'], peak_device_gb=out['peak_device_gb'])
+    print(f'round {r}: {impl:8s} {out["seconds"]:8.2f} s/iteration  ({out["seconds"] / args.batch * 1000:8.1f} '
+          f's/kimg)  load {os.getloadavg()[0]:.1f}', flush=True)
+
   try:
-    for impl in impls:  # set up one at a time: compiling and warming up do not overlap
-      workers[impl] = Worker(impl, args)
-      info = workers[impl].ready()
-      results['impls'][impl] = dict(info, seconds=[])
-      print(f'{impl}: ready after {info["wall_setup_s"]:.1f} s (compile {info["setup_s"]:.1f} s, first iteration '
-            f'{info["first_s"]:.1f} s); {info["params"]:,} params on {info["device"]}, {info["dtype"]}', flush=True)
-    for r in range(args.rounds):
-      for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate which goes first
-        out = workers[impl].run()
-        results['impls'][impl]['seconds'].append(out['seconds'])
-        results['impls'][impl].update(peak_rss_gb=out['peak_rss_gb'], peak_device_gb=out['peak_device_gb'])
-        print(f'round {r}: {impl:8s} {out["seconds"]:8.2f} s/iteration  ({out["seconds"] / args.batch * 1000:8.1f} '
-              f's/kimg)  load {os.getloadavg()[0]:.1f}', flush=True)
+    if args.sequential:  # one worker alive at a time: the two never hold their memory together
+      for impl in impls:
+        start(impl)
+        for r in range(args.rounds):
+          run(impl, r)
+        workers.pop(impl).close()
+    else:
+      for impl in impls:  # set up one at a time: compiling and warming up do not overlap
+        start(impl)
+      for r in range(args.rounds):
+        for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate which goes first
+          run(impl, r)
   finally:
     for w in workers.values():
       w.close()
@@ -369,9 +382,10 @@ def driver(args):
   for impl, r in results['impls'].items():
     r['median_s'] = median(r['seconds'])
     r['s_per_kimg'] = r['median_s'] / args.batch * 1000
-    r['tflops'] = args.tflop_per_kimg / r['s_per_kimg']  # achieved, counting the model's own FLOPs
-    if args.peak_tflops:
-      r['mfu'] = r['tflops'] / args.peak_tflops
+    if args.model == 'cifar10':  # --tflop_per_kimg counts the CIFAR-10 network's FLOPs
+      r['tflops'] = args.tflop_per_kimg / r['s_per_kimg']  # achieved, counting the model's own FLOPs
+      if args.peak_tflops:
+        r['mfu'] = r['tflops'] / args.peak_tflops
     mem = f'peak RSS {r["peak_rss_gb"]:.2f} GB' + (
         f', peak device memory {r["peak_device_gb"]:.2f} GB' if r.get('peak_device_gb') else '')
     flops = '' if args.model != 'cifar10' else f'; {r["tflops"]:.2f} TFLOP/s' + (
@@ -399,6 +413,9 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--rounds', type=int, default=3, help='timed iterations per implementation, alternating')
   parser.add_argument('--only', default='official,sfd_jax', help='comma list: official, sfd_jax')
+  parser.add_argument('--sequential', action='store_true',
+                      help='set up, time and close one implementation, then the other (when both will not fit '
+                           'in memory together; the ratio then spans two time windows)')
   parser.add_argument('--official_fp16', type=lambda s: s.lower() in ('1', 'true'), default=True,
                       help="the official loop's net.use_fp16 (takes effect on CUDA only)")
   parser.add_argument('--jax_dtype', default='float32', help="sfd_jax's compute dtype (float32, bfloat16)")
