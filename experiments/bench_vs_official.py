@@ -256,7 +256,9 @@ def jax_ldm_worker(args):
                          mesh)
   draw = train.make_batch_fn(mesh, (args.batch, *family.shape), family.condition, settings.sigma_max)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params, buffers = jax.device_put(sfd.split_variables(variables), replicated)
+  # Host copies: the student's arrays are the random teacher's own (no LitEma here), and on CPU
+  # device_put aliases them, so donating the state would delete the teacher's weights (train.py).
+  params, buffers = jax.device_put(jax.tree.map(np.array, sfd.split_variables(variables)), replicated)
   teacher_variables = jax.device_put(teacher.params, replicated)
   del teacher, variables, models  # the device copies are what runs
   state = [sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)]
