@@ -362,7 +362,7 @@ def driver(args):
     results['impls'][impl]['seconds'].append(out['seconds'])
     results['impls'][impl].update(peak_rss_gb=out['peak_rss_gb'], peak_device_gb=out['peak_device_gb'])
     print(f'round {r}: {impl:8s} {out["seconds"]:8.2f} s/iteration  ({out["seconds"] / args.batch * 1000:8.1f} '
-          f's/kimg)  load {os.getloadavg()[0]:.1f}', flush=True)
+          f's/kimg)  peak RSS {out["peak_rss_gb"]:.2f} GB  load {os.getloadavg()[0]:.1f}', flush=True)
 
   try:
     if args.sequential:  # one worker alive at a time: the two never hold their memory together

@@ -7,7 +7,9 @@ checks against the official code.
 The splits only reorder float32 sums, so the tolerances are the official iteration's own
 fp32-vs-fp64 gaps (fixture README, `sfd_iter_ldm.json`), twice, as tests/test_step_options.py
 does for EDM; Adam runs with eps 1 so that later intervals differ only as much as the gradients
-do (see LIPSCHITZ_OPTIM there).
+do (see LIPSCHITZ_OPTIM there). Measured (CPU, 2026-12-07): largest relative gradient difference
+1.9e-6 / 2.4e-6 (4 micro-batches), 2.1e-6 / 3.4e-6 (2 devices x 2), 2.1e-6 / 2.6e-6 (8 devices)
+for steps 1 / 2, against 2.7e-5.
 """
 import dataclasses
 import json
