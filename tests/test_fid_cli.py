@@ -186,3 +186,58 @@ def test_errors_name_the_file(tmp_path, capsys):
   Image.fromarray(np.zeros((8, 8, 4), np.uint8), 'RGBA').save(tmp_path / 'imgs' / 'rgba.png')
   with pytest.raises(sources.SourceError, match=r'rgba.png: need an 8-bit grey or RGB image'):
     sources.open_source(tmp_path / 'imgs').load([3])
+
+
+@pytest.fixture(scope='module')
+def latent_student_dir(tmp_path_factory):
+  """A latent student checkpoint: the tiny LDM fixture's UNet (Euler + AFS on the discrete
+  schedule, 3 time points) with its VQ-f4 first stage in the buffers (16x16x3 latents -> 64x64x3)."""
+  from conftest import FIXTURES  # pylint: disable=g-import-not-at-top
+  from sfd_jax.latent.config import config_to_dict  # pylint: disable=g-import-not-at-top
+  from sfd_jax.latent.student import student_variables  # pylint: disable=g-import-not-at-top
+  from sfd_jax.teacher import load_teacher  # pylint: disable=g-import-not-at-top
+  ldm = FIXTURES / 'ldm'
+  teacher = load_teacher(ldm / 'ldm_bedroom_tiny.ckpt', arch=ldm / 'ldm_bedroom_tiny.yaml')
+  variables = student_variables(teacher.raw_params)
+  settings = SamplingSettings(num_steps=3, schedule_type='discrete', schedule_rho=1.0, afs=True,
+                              sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, use_step_condition=False)
+  path = tmp_path_factory.mktemp('latent_student') / 'run'
+  manager = checkpoint.make_manager(path)
+  checkpoint.save(manager, 1, variables['params'], variables['buffers'], {'count': np.zeros((), np.int32)},
+                  dict(latent_network=config_to_dict(teacher.config), settings=settings.to_dict()))
+  manager.wait_until_finished()
+  manager.close()
+  return str(path)
+
+
+@pytest.mark.slow
+def test_calc_latent_student_scores_decoded_images_without_pngs(tmp_path, capsys, monkeypatch, latent_student_dir,
+                                                               use_random_inception):
+  """`calc --student` on a latent student: the FID of the decoded 64x64 images, equal to writing
+  them as PNGs with `sample --student` and scoring the folder, and no image file is written."""
+  ref = tmp_path / 'ref.npz'
+  np.savez(tmp_path / 'real.npz', arr_0=np.random.default_rng(2).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8))
+  assert _run(['ref', f'--data={tmp_path / "real.npz"}', f'--dest={ref}', BATCH, '--noprogress'], capsys)[0] == 0
+  assert sample.main(['--student', latent_student_dir, '--seeds', '0-7', '--batch', '8',
+                      '--outdir', str(tmp_path / 'png'), '--noprogress']) == 0
+  pngs = sorted((tmp_path / 'png').rglob('*.png'))
+  assert len(pngs) == 8
+  with Image.open(pngs[0]) as png:
+    assert png.size == (64, 64) and png.mode == 'RGB'  # decoded images, not 16x16 latents
+  capsys.readouterr()
+  code, out_png, err = _run(['calc', f'--images={tmp_path / "png"}', f'--ref={ref}', BATCH, '--noprogress'], capsys)
+  assert code == 0, err
+
+  def no_files(*args, **kwargs):
+    raise AssertionError('calc --student wrote an image file')
+  monkeypatch.setattr(Image.Image, 'save', no_files)
+  monkeypatch.setattr(images, 'save_png', no_files)
+  code, out_student, err = _run(['calc', f'--student={latent_student_dir}', '--num=8', f'--ref={ref}', BATCH,
+                                 '--noprogress'], capsys)
+  assert code == 0, err
+  assert out_student.startswith(f'{latent_student_dir}: 8 images, FID ')
+  fid_png, fid_student = _fid_of(out_png), _fid_of(out_student)
+  assert fid_png > 0 and fid_student == fid_png
+  (mu_png, sigma_png, *_), (mu_student, sigma_student, *_) = use_random_inception
+  np.testing.assert_allclose(mu_student, mu_png, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(sigma_student, sigma_png, rtol=1e-9, atol=1e-12)

@@ -1,7 +1,9 @@
 """SFD with a latent teacher end to end: the CLI with configs/lsun_bedroom_ldm.py on the tiny LDM
-fixture (16x16x3 latents, VQ-f4 first stage, 64x64 images), 4 iterations of batch 2 on 2 fake
-CPU devices; checkpoints, decoded sample grids, load_student, crash-and-resume equality, and
-`python -m sfd_jax.sample --student` decoding the student's latents.
+fixture (16x16x3 latents, VQ-f4 first stage, 64x64 images), 4 iterations of batch 4 on 2 fake
+CPU devices, 2 micro-batches per device (`train.batch_per_device=1`); checkpoints, decoded sample
+grids, load_student, crash-and-resume equality, and `python -m sfd_jax.sample --student` decoding
+the student's latents. tests/test_latent_step_options.py checks that the split iteration equals
+the unsplit one.
 
 The subprocess runs share a compilation cache (as tests/test_train.py) so only the first compiles.
 """
@@ -23,12 +25,12 @@ from conftest import FIXTURES, cli_env
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LDM = FIXTURES / 'ldm'
 CKPT, YAML = LDM / 'ldm_bedroom_tiny.ckpt', LDM / 'ldm_bedroom_tiny.yaml'
-ITERS, BATCH = 4, 2
+ITERS, BATCH = 4, 4
 TINY = [
     f'--config.teacher={CKPT}', f'--config.teacher_arch={YAML}', '--config.img_resolution=64',
     f'--config.train.batch={BATCH}', f'--config.train.total_kimg={ITERS * BATCH / 1000}',
     f'--config.train.kimg_per_tick={BATCH / 1000}', '--config.train.checkpoint_ticks=2',
-    '--config.train.grid_size=2', '--config.train.seed=3',
+    '--config.train.grid_size=2', '--config.train.seed=3', '--config.train.batch_per_device=1',
 ]
 
 

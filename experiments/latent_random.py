@@ -1,0 +1,40 @@
+"""A latent (LDM) teacher of a real architecture with random weights, for the latent benchmarks.
+
+Speed does not depend on the weight values: every conv / linear weight is N(0, 1/fan_in), biases
+0, norm scales 1, the VQ codebook N(0, 1), and the DDPM table is LDM's `linear` schedule of the
+config. The state dict goes through `sfd_jax.latent.teacher.build_teacher`, the path a real
+checkpoint takes (drawn with numpy: Flax's init of a 274M-parameter UNet is slow on a CPU).
+"""
+import numpy as np
+
+from sfd_jax.latent.config import resolve_arch
+from sfd_jax.latent.state_dict import expected_shapes
+from sfd_jax.latent.teacher import build_teacher
+
+
+def linear_alphas_cumprod(config) -> np.ndarray:
+  """LDM's 'linear' beta schedule (linspace of sqrt(beta), squared; float64, then float32)."""
+  betas = np.linspace(config.linear_start ** 0.5, config.linear_end ** 0.5, config.timesteps, dtype=np.float64) ** 2
+  return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def random_state_dict(config, seed: int = 0) -> dict:
+  """{state-dict name: float32 array} of every parameter of `config`, plus `alphas_cumprod`."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in expected_shapes(config).items():
+    if name.endswith('embedding.weight'):  # the VQ codebook
+      value = rng.standard_normal(shape)
+    elif len(shape) >= 2:
+      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+    else:  # biases 0; GroupNorm / LayerNorm scales 1
+      value = np.zeros(shape) if name.endswith('bias') else np.ones(shape)
+    out[name] = value.astype(np.float32)
+  out['alphas_cumprod'] = linear_alphas_cumprod(config)
+  return out
+
+
+def random_teacher(arch='ldm-lsun-bedroom', seed: int = 0):
+  """A `LatentTeacher` of architecture `arch` (preset or yaml path) with random weights."""
+  config = resolve_arch(arch)
+  return build_teacher(config, random_state_dict(config, seed), source=f'<random {arch}>')
