@@ -157,7 +157,7 @@ def _edm_models(run: RunConfig) -> Models:
 
 
 def _check_latent_settings(run: RunConfig, teacher) -> None:
-  """The official LDM run takes sigma_min / sigma_max from the teacher; no dropout, float32."""
+  """The official LDM run takes sigma_min / sigma_max from the teacher; no dropout."""
   d, t = run.distill, run.train
   for name, value, want in (('sigma_min', d.sigma_min, teacher.sigma_min),
                             ('sigma_max', d.sigma_max, teacher.sigma_max)):
@@ -166,8 +166,6 @@ def _check_latent_settings(run: RunConfig, teacher) -> None:
                        f'(the official value); set --config.distill.{name}={want!r}')
   if t.dropout > 0:
     raise ValueError(f'config.train.dropout={t.dropout}: latent (LDM) students have no dropout; use -1 or 0')
-  if t.precision != 'float32':
-    raise ValueError(f'config.train.precision={t.precision!r}: latent teachers train in float32 only (for now)')
 
 
 def _latent_models(run: RunConfig) -> Models:
@@ -211,21 +209,46 @@ def step_options(train_settings, num_devices: int) -> sfd.StepOptions:
                      f'config.train.batch_per_device={per}')
   micro = (batch // num_devices) // per if per else 1
   return sfd.StepOptions(precision=train_settings.precision, micro_batches=micro, num_shards=num_devices,
-                         remat=train_settings.remat)
+                         remat=train_settings.remat_policy if train_settings.remat else '')
 
 
-def make_denoisers(models: Models, precision: str) -> sfd.Denoisers:
-  """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them."""
-  if precision == 'float32':
+def make_denoisers(models: Models, precision: str, remat: str = '') -> sfd.Denoisers:
+  """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them; with
+  `remat='block'` the students recompute each U-Net block in their backward pass.
+
+  The networks are rebuilt from `models.student_config` / `teacher_config` where needed: an EDM
+  `NetworkConfig` or a latent teacher's `LatentConfig` (then `models.family.vp` is its VP table).
+  """
+  block = remat == 'block'
+  if precision == 'float32' and not block:
     return sfd.Denoisers(models.student_denoise, models.teacher_denoise)
-  if models.student_config is None or models.teacher_config is None:
-    raise ValueError(f'config.train.precision={precision!r} needs the network configs to build the '
-                     f'{precision} denoisers: Models.student_config and Models.teacher_config must be set')
-  from sfd_jax import networks  # Flax lives behind this module
+  if models.student_config is None or (precision != 'float32' and models.teacher_config is None):
+    what = f'config.train.precision={precision!r}' if precision != 'float32' else "config.train.remat_policy='block'"
+    raise ValueError(f'{what} needs the network configs to build the denoisers: Models.student_config and '
+                     'Models.teacher_config must be set')
+  build = _denoiser_builder(models)
+  student = build(models.student_config, None, block, True) if block else models.student_denoise
+  if precision == 'float32':
+    return sfd.Denoisers(student, models.teacher_denoise)
   dtype = sfd.PRECISIONS[precision]
-  return sfd.Denoisers(models.student_denoise, models.teacher_denoise,
-                       networks.make_denoise(models.student_config, dtype),
-                       networks.make_denoise(models.teacher_config, dtype))
+  return sfd.Denoisers(student, models.teacher_denoise, build(models.student_config, dtype, block, True),
+                       build(models.teacher_config, dtype, False, False))
+
+
+def _denoiser_builder(models: Models) -> Callable:
+  """`build(config, dtype, remat, student) -> denoise` for the family of `models` (EDM or latent)."""
+  from sfd_jax import networks  # Flax lives behind these modules
+  if isinstance(models.student_config, networks.NetworkConfig):
+    return lambda config, dtype, remat, student: networks.make_denoise(config, dtype, remat=remat)
+  from sfd_jax.latent import student as latent_student
+  from sfd_jax.latent.model import make_denoise as make_latent_denoise
+  vp = family_of(models).vp
+
+  def build(config, dtype, remat, student):
+    if student:
+      return latent_student.make_student_denoise(config, vp, dtype=dtype, remat=remat)
+    return make_latent_denoise(config, vp, dtype=dtype)
+  return build
 
 
 def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_stage=None, **kwargs) -> Callable:
@@ -238,8 +261,8 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
   if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
     kwargs.update(targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
   vp = models.family.vp if models.family is not None else None  # EDM's family has none (and may lack a config)
-  return sfd.make_step(make_denoisers(models, opts.precision), optimizer, opts, mesh=mesh, data_axis=DATA_AXIS,
-                       vp=vp, **kwargs)
+  return sfd.make_step(make_denoisers(models, opts.precision, opts.remat), optimizer, opts, mesh=mesh,
+                       data_axis=DATA_AXIS, vp=vp, **kwargs)
 
 
 def make_batch_fn(mesh, shape, source: conditions.ConditionSource, sigma_max: float) -> Callable:
