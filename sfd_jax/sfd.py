@@ -374,6 +374,18 @@ def _custom_targets(teacher_variables, latents, condition, *, targets_fn, denois
   return tuple(targets[i] for i in range(targets.shape[0])), (traj if debug else None), jnp.int32(0)
 
 
+def gather_variables(denoisers: Denoisers, replicated) -> Denoisers:
+  """Denoisers that first gather their (sharded) variables whole (FSDP / ZeRO-3): XLA all-gathers
+  the weights where a network uses them and reduce-scatters their gradients back to the shards,
+  while the batch stays sharded; without this it may shard the activations like the weights."""
+  def gathered(denoise):
+    if denoise is None:
+      return None
+    return lambda variables, *args, **kwargs: denoise(jax.lax.with_sharding_constraint(variables, replicated),
+                                                      *args, **kwargs)
+  return Denoisers(*(gathered(d) for d in denoisers))
+
+
 class StepPrograms(NamedTuple):
   """The compiled pieces of one step (exposed for tests, benchmarks and `experiments/step_memory.py`).
 
@@ -443,6 +455,8 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   shard = lambda *spec: None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   replicated, data = shard(), shard(data_axis)
   state_out = replicated if state_sharding is None else state_sharding
+  if mesh is not None and state_sharding is not None:
+    denoisers = gather_variables(denoisers, replicated)
 
   def interval_fn(state, x_in, target, times, condition, step_condition, rng, i, lr, loss_params, *, afs, last,
                   guard):

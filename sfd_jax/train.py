@@ -251,8 +251,37 @@ def _denoiser_builder(models: Models) -> Callable:
   return build
 
 
+def fsdp_spec(shape, num_devices: int) -> P:
+  """The PartitionSpec `shard_state` gives an array: its largest axis that the device count
+  divides, sharded over the data axis (the first such axis on a tie); replicated if none does."""
+  axes = [i for i, d in enumerate(shape) if d % num_devices == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda i: (shape[i], -i))
+  return P(*([None] * axis + [DATA_AXIS]))
+
+
+def state_shardings(tree, mesh, shard: bool):
+  """NamedShardings of a tree of arrays (or ShapeDtypeStructs): `fsdp_spec` per leaf with
+  `shard` (`config.train.shard_state`), else replicated."""
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(jnp.shape(x), n) if shard else P()), tree)
+
+
+def place_state(mesh, params, buffers, optimizer, shard: bool) -> sfd.TrainState:
+  """The initial `TrainState` on `mesh` (host copies in, so donating it leaves the caller's arrays
+  intact), replicated or, with `shard`, FSDP-sharded (`state_shardings`); Adam's moments follow
+  their parameters' shardings."""
+  params = jax.device_put(params, state_shardings(params, mesh, shard))
+  buffers = jax.device_put(buffers, state_shardings(buffers, mesh, shard))
+  opt_shardings = state_shardings(jax.eval_shape(optimizer.init, params), mesh, shard)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  return sfd.TrainState(params, opt_state, buffers)
+
+
 def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_stage=None, **kwargs) -> Callable:
-  """The SFD step on `mesh`: state replicated and donated, batch sharded (see `sfd.make_step`).
+  """The SFD step on `mesh`: state replicated (or sharded: `state_sharding`) and donated, batch
+  sharded (see `sfd.make_step`).
 
   Returns:
     `step(state, teacher_variables, latents, condition, dropout_rng, lr, settings, loss_params=None)
@@ -402,16 +431,16 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   replicated = NamedSharding(mesh, P())
+  shard = run.train.shard_state
   # Host copies: the step donates its state, and the loaded student (whose arrays a latent teacher
   # shares) must stay intact. device_put(may_alias=False) still aliases the first device's shard to
   # a single-device source on CPU (jax 0.10.2), so donating it deleted the teacher's weights.
-  params = jax.device_put(jax.tree.map(np.array, models.student_variables['params']), replicated)
-  buffers = jax.device_put(jax.tree.map(np.array, models.student_variables.get('buffers', {})), replicated)
-  teacher_variables = jax.device_put(models.teacher_variables, replicated)
   optimizer = sfd.make_optimizer(run.optim)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  state = place_state(mesh, jax.tree.map(np.array, models.student_variables['params']),
+                      jax.tree.map(np.array, models.student_variables.get('buffers', {})), optimizer, shard)
+  teacher_variables = jax.device_put(models.teacher_variables,
+                                     state_shardings(models.teacher_variables, mesh, shard))
   loss_params = None if second_stage is None else jax.device_put(second_stage.loss_params, replicated)
-  state = sfd.TrainState(params, opt_state, buffers)
 
   manager = checkpoint.make_manager(workdir, run.train.max_checkpoints)
   base_key, nimg, iteration = jax.random.key(run.train.seed), 0, 0
@@ -427,7 +456,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
 
   family = family_of(models)
   draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.condition, run.distill.sigma_max)
-  step = make_step(models, optimizer, opts, mesh, second_stage)  # teacher compiled per num_steps, student interval once
+  state_sharding = jax.tree.map(lambda x: x.sharding, state) if shard else None
+  # teacher compiled per num_steps, student interval once
+  step = make_step(models, optimizer, opts, mesh, second_stage, state_sharding=state_sharding)
   total_nimg = int(round(run.train.total_kimg * 1000))
   tick_nimg = int(round(run.train.kimg_per_tick * 1000))
   tick = nimg // tick_nimg if tick_nimg else 0
