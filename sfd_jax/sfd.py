@@ -563,7 +563,8 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       for program_name, program in programs:
         if program_name not in lowered:
           # `latents` stands for every interval's input: same shape, dtype and sharding.
-          target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype, sharding=getattr(latents, 'sharding', None))
+          target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype,
+                                        sharding=getattr(latents, 'sharding', None))
           lowered[program_name] = program.lower(state, latents, target, times[i], condition, step_condition,
                                                 dropout_rng, np.int32(i), np.float32(lr), loss_params, afs=afs, last=last)
     return lowered

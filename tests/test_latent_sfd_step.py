@@ -219,7 +219,8 @@ def test_bfloat16_and_block_remat_iterations(fx, teacher, settings, run):
   assert bf16["redo"].tolist() == [0, 0, 0] and int(bf16["teacher_redo"]) == 0
   remat = options_iteration(teacher, settings, fx, "float32", "block")
   np.testing.assert_allclose(remat["loss"], ref["loss"], rtol=2 * FP["loss_sum"]["max_abs"] / 8523)
-  named = lambda g: {"model.diffusion_model." + k: np.asarray(v) for k, v in flatten(g["model"]["diffusion_model"]).items()}
+  named = lambda g: {"model.diffusion_model." + k: np.asarray(v)
+                     for k, v in flatten(g["model"]["diffusion_model"]).items()}
   for s, (g, g_ref) in enumerate(zip(remat["debug"]["grads"], ref["debug"]["grads"]), start=1):
     ours, theirs = named(g), named(g_ref)
     # Structural zeros and the step-condition layers (no gradient) are rounding noise: skipped as above.

@@ -31,7 +31,8 @@ def torch_default_init(fan_in: int):
   return init
 
 
-def Linear(in_features: int, out_features: int, bias: bool = True, dtype: Optional[str] = None):  # pylint: disable=invalid-name
+def Linear(in_features: int, out_features: int, bias: bool = True,  # pylint: disable=invalid-name
+           dtype: Optional[str] = None):
   """torch `nn.Linear` (weight `[out, in]`) as the EDM wing's `Linear`, with torch's default
   initialisation: kaiming-uniform bounds sqrt(3/fan_in)·(1/sqrt(3)) = 1/sqrt(fan_in). `dtype`:
   the product's compute dtype ('bfloat16': bfloat16 operands, float32 result; None: x's dtype)."""

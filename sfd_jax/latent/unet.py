@@ -275,7 +275,8 @@ class _Plan:
 
   def stages(self):
     cfg, mc = self.cfg, self.cfg.model_channels
-    inputs = [self.seq([(Conv, kw(in_channels=cfg.in_channels, out_channels=mc, kernel=3, padding=1, dtype=self.dtype))])]
+    inputs = [self.seq([(Conv, kw(in_channels=cfg.in_channels, out_channels=mc, kernel=3, padding=1,
+                                  dtype=self.dtype))])]
     chans, ch, ds = [mc], mc, 1
     for level, mult in enumerate(cfg.channel_mult):
       for _ in range(cfg.num_res_blocks):
