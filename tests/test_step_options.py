@@ -253,7 +253,9 @@ def test_accumulation_on_two_devices_equals_full_batch(models, reference):
 def test_remat_gives_the_same_iteration(models, reference, remat):
   params, m, debug = one_iteration(models, sfd.StepOptions(remat=remat))
   ref_params, ref, ref_debug = reference
-  np.testing.assert_array_equal(m['loss'], ref['loss'])
+  # Remat changes how XLA fuses the forward pass (per-block checkpoints), so the loss sums may
+  # take another reduction order: the file's reduction-order bound.
+  np.testing.assert_allclose(m['loss'], ref['loss'], rtol=LOSS_SUM_RTOL)
   for g, g_ref in zip(debug['grads'], ref_debug['grads']):
     rel = max_rel_grad_diff(g, g_ref)
     print(f'remat={remat}: max relative gradient difference {rel:.2e}')
