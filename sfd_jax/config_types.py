@@ -11,6 +11,7 @@ import math
 from typing import Any, Mapping
 
 PRECISION_NAMES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('block', 'full')
 SFDV_NUM_STEPS = (4, 5, 6, 7)  # the official SFD-v loop draws num_steps from randint(4, 7)
 
 
@@ -96,7 +97,11 @@ class TrainSettings:
   lpips_linear: str = ''              #   vgg16 state dict plus the LPIPS v0.1 linear-weights file (vgg.pth)
   precision: str = 'float32'          # float32 (parity) | bfloat16 (convs/attention; params, Adam, loss float32)
   batch_per_device: int = 0           # micro-batch per device (official batch_gpu), gradient accumulation; 0 = whole
-  remat: bool = False                 # recompute the student's forward pass in its backward pass (less memory)
+  remat: bool = False                 # recompute the student's activations in its backward pass (less memory)
+  remat_policy: str = 'block'         # with remat: 'block' = each U-Net block keeps only its input (saves
+                                      #   memory); 'full' = the whole forward as one block (saves none)
+  shard_state: bool = False           # student params, Adam moments and teacher sharded over the devices
+                                      #   (FSDP: largest divisible axis), not replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +272,8 @@ def validate(run: RunConfig) -> None:
     raise ValueError(f'config: train.total_kimg={t.total_kimg} must be finite')
   if t.precision not in PRECISION_NAMES:
     raise ValueError(f'config: train.precision={t.precision!r} unknown (valid: {", ".join(PRECISION_NAMES)})')
+  if t.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'config: train.remat_policy={t.remat_policy!r} unknown (valid: {", ".join(REMAT_POLICIES)})')
   if t.batch_per_device < 0:
     raise ValueError(f'config: train.batch_per_device={t.batch_per_device} must be >= 0 (0 = no accumulation)')
   if t.is_second_stage and d.use_step_condition:

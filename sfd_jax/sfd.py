@@ -5,7 +5,9 @@ yields one target per student interval; the student then takes one Euler step pe
 from its OWN previous output, and each non-AFS step is followed by one Adam update on the
 L1 loss. `make_step` compiles two programs: the teacher's (one per num_steps; its solver is a
 `lax.scan`) and one student-interval update whose interval times are traced values, reused
-for every interval and every num_steps, so compile time does not grow with num_steps.
+for every interval and every num_steps, so compile time does not grow with num_steps. With
+low precision each has a float32 twin, compiled and run only when the low-precision program
+reports a non-finite value (so the low-precision program's memory is its own).
 Nothing here imports Flax.
 """
 import concurrent.futures
@@ -85,6 +87,8 @@ class Denoisers(NamedTuple):
 
   The float32 pair defines the iteration (and redoes a non-finite low-precision interval);
   the low-precision pair, when given, is what runs first (`make_denoise(config, 'bfloat16')`).
+  Per-block rematerialisation (`StepOptions.remat='block'`) lives in the student networks
+  themselves (`train.make_denoisers` builds them so).
   """
   student: Callable
   teacher: Callable
@@ -98,7 +102,9 @@ class StepOptions:
   precision: str = 'float32'          # 'float32' (parity) | 'bfloat16' (needs Denoisers.*_low)
   micro_batches: int = 1              # gradient-accumulation rounds per interval (batch_per_device)
   num_shards: int = 1                 # devices the batch is sharded over (micro-batches keep rows local)
-  remat: bool = False                 # recompute the student's forward pass in its backward pass
+  remat: str = ''                     # '' | 'block': the student denoisers recompute each U-Net block in
+                                      #   the backward pass (built so by train.make_denoisers) | 'full':
+                                      #   the whole student forward is one jax.checkpoint (saves no memory)
 
 
 def interval_times(plan: Plan) -> np.ndarray:
@@ -148,7 +154,7 @@ def per_micro_batch(fn: Callable, opts: StepOptions, *batch):
   return jax.tree.map(jax.vmap(lambda t: join_batch(t, opts), in_axes=1), out)
 
 
-def teacher_stage(teacher_variables, latents, condition, *, denoisers: Denoisers, solve: Callable,
+def teacher_stage(teacher_variables, latents, condition, *, teacher_denoise: Callable, solve: Callable,
                   plan: Plan, opts: StepOptions, debug: bool = False):
   """Runs the teacher solver (eval mode, no gradients) and returns one target per interval.
 
@@ -156,35 +162,26 @@ def teacher_stage(teacher_variables, latents, condition, *, denoisers: Denoisers
     teacher_variables: the teacher's network variables.
     latents: `[B, H, W, C]`, `sigma_max · N(0, I)` (the official latents).
     condition: `[B, ...]` per-sample condition (one-hot labels, text embeddings) or None.
-    denoisers: the networks; `teacher_low` runs first when `opts.precision` is low.
+    teacher_denoise: the teacher network (float32, or the low-precision one that runs first).
     solve: `teacher_solver(settings)`.
     plan: `make_plan(settings, vp)`.
-    opts: precision and micro-batching (the teacher runs one micro-batch at a time).
+    opts: micro-batching (the teacher runs one micro-batch at a time).
     debug: also return the whole trajectory.
 
   Returns:
     (targets: tuple of num_steps-1 `[B, H, W, C]`, trajectory `[num_teacher, B, ...]` or None,
-    teacher_redo: int32, 1 when a non-finite low-precision trajectory was redone in float32).
+    bad: int32, 1 when the trajectory holds a non-finite value: the step then redoes it in float32).
   """
   t_steps = jnp.asarray(plan.teacher_t_steps, jnp.float32)
 
-  def run(teacher_denoise):
-    def one(z, cond):
-      denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, cond, train=False)
-      # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
-      return solve(denoise, z / jnp.float32(plan.t_steps[0]), t_steps)
-    return per_micro_batch(one, opts, latents, condition)  # [num_teacher, B, ...]
+  def one(z, cond):
+    denoise = lambda x, sigma: teacher_denoise(teacher_variables, x, sigma, cond, train=False)
+    # The official code hands the solver latents / t_steps[0]; the solver multiplies by its own t_0.
+    return solve(denoise, z / jnp.float32(plan.t_steps[0]), t_steps)
 
-  redo = jnp.int32(0)
-  if opts.precision != 'float32':
-    traj = run(denoisers.teacher_low)
-    bad = ~all_finite(traj)
-    traj = jax.lax.cond(bad, lambda: run(denoisers.teacher), lambda: traj)
-    redo = bad.astype(jnp.int32)
-  else:
-    traj = run(denoisers.teacher)
-  traj = jax.lax.stop_gradient(traj)
-  return tuple(traj[j] for j in plan.tea_slice), (traj if debug else None), redo
+  traj = jax.lax.stop_gradient(per_micro_batch(one, opts, latents, condition))  # [num_teacher, B, ...]
+  bad = (~all_finite(traj)).astype(jnp.int32)
+  return tuple(traj[j] for j in plan.tea_slice), (traj if debug else None), bad
 
 
 def l1_sum(out, target):
@@ -245,7 +242,7 @@ def interval_grads(student_denoise: Callable, params, buffers, x_in, target, tim
                                      afs=False, extra_loss=extra_loss)
     return loss_sum / batch, (loss_sum, aux['out'], aux['denoised'])
 
-  if opts.remat:
+  if opts.remat == 'full':
     loss_fn = jax.checkpoint(loss_fn)
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if opts.micro_batches == 1:
@@ -266,13 +263,14 @@ def interval_grads(student_denoise: Callable, params, buffers, x_in, target, tim
 
 
 def interval_update(state: TrainState, x_in, target, times, condition, step_condition, dropout_rng, lr, *,
-                    denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions,
-                    afs: bool, extra_loss: Optional[Callable] = None, debug: bool = False):
+                    student_denoise: Callable, optimizer: optax.GradientTransformation, opts: StepOptions,
+                    afs: bool, extra_loss: Optional[Callable] = None, debug: bool = False, guard: bool = False):
   """One student interval: Euler step, L1 loss and (unless AFS) one Adam update.
 
-  With low precision, a non-finite loss or gradient is redone in float32 (`lax.cond`: only
-  taken when needed) and counted in `redo`; what then remains non-finite is replaced as the
-  official loop does (nan → 0, ±inf → ±1e5) before Adam.
+  Non-finite gradient values are replaced as the official loop does (nan → 0, ±inf → ±1e5)
+  before Adam. With `guard` (the low-precision program), a non-finite loss or gradient instead
+  leaves the state as it was and sets `bad`: the step then redoes the interval with the float32
+  program on that state and counts it in `redo`.
 
   Args:
     state: the `TrainState` (donated by `make_step`).
@@ -282,13 +280,16 @@ def interval_update(state: TrainState, x_in, target, times, condition, step_cond
     step_condition: traced scalar or None.
     dropout_rng: this interval's dropout key.
     lr: scalar learning rate (traced).
-    denoisers, optimizer, opts: as for `make_step`.
+    student_denoise: the student network of this program (float32 or low precision).
+    optimizer, opts: as for `make_step`.
     afs: static; the analytical first step takes no Adam step.
     extra_loss: static hook added to this interval's loss sum (`make_step`'s `last_interval_loss`).
     debug: also return `denoised` and the gradients in the metrics.
+    guard: static; keep the state when the loss or a gradient is non-finite.
 
   Returns:
-    (state, out `[B, H, W, C]`, metrics: loss = loss_sum / B, grad_norm, nonfinite, redo).
+    (state, out `[B, H, W, C]`, metrics: loss = loss_sum / B, grad_norm, nonfinite, redo (0 here:
+    the step sets it where it redid the interval), bad: int32, 1 where `guard` kept the state).
   """
   batch = x_in.shape[0]
   zero_i, zero_f = jnp.int32(0), jnp.float32(0.0)
@@ -298,29 +299,25 @@ def interval_update(state: TrainState, x_in, target, times, condition, step_cond
     metrics = dict(loss=loss_sum / batch, grad_norm=zero_f, nonfinite=zero_i, redo=zero_i)
     if debug:
       metrics['debug'] = dict(denoised=None, grads=None)
-    return state, aux['out'], metrics
+    return state, aux['out'], metrics, zero_i
 
-  run = lambda denoise: interval_grads(denoise, state.params, state.buffers, x_in, target, times, condition,
-                                       step_condition, dropout_rng, opts=opts, extra_loss=extra_loss)
-  redo = zero_i
-  if opts.precision != 'float32':
-    result = run(denoisers.student_low)
-    bad = ~all_finite(result[0], result[3])
-    result = jax.lax.cond(bad, lambda: run(denoisers.student), lambda: result)
-    redo = bad.astype(jnp.int32)
-  else:
-    result = run(denoisers.student)
-  loss_sum, out, denoised, grads = result
+  loss_sum, out, denoised, grads = interval_grads(student_denoise, state.params, state.buffers, x_in, target, times,
+                                                  condition, step_condition, dropout_rng, opts=opts,
+                                                  extra_loss=extra_loss)
+  bad = (~all_finite(loss_sum, grads)) if guard else jnp.bool_(False)
   grads, count, grad_norm = sanitize_grads(grads)
   # A new state rather than an in-place edit: the caller's pytree must stay untouched.
   opt_state = state.opt_state._replace(
       hyperparams={**state.opt_state.hyperparams, 'learning_rate': jnp.asarray(lr, jnp.float32)})
   updates, opt_state = optimizer.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss_sum / batch, grad_norm=grad_norm, nonfinite=count, redo=redo)
+  if guard:  # the float32 redo starts from the state this interval received
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  metrics = dict(loss=loss_sum / batch, grad_norm=grad_norm, nonfinite=count, redo=zero_i)
   if debug:
     metrics['debug'] = dict(denoised=denoised, grads=grads)
-  return state._replace(params=params, opt_state=opt_state), out, metrics
+  return state._replace(params=params, opt_state=opt_state), out, metrics, bad.astype(jnp.int32)
 
 def sanitize_grads(grads):
   """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values and takes the
@@ -377,15 +374,36 @@ def _custom_targets(teacher_variables, latents, condition, *, targets_fn, denois
   return tuple(targets[i] for i in range(targets.shape[0])), (traj if debug else None), jnp.int32(0)
 
 
+def gather_variables(denoisers: Denoisers, replicated) -> Denoisers:
+  """Denoisers that first gather their (sharded) variables whole (FSDP / ZeRO-3): XLA all-gathers
+  the weights where a network uses them and reduce-scatters their gradients back to the shards,
+  while the batch stays sharded; without this it may shard the activations like the weights."""
+  def gathered(denoise):
+    if denoise is None:
+      return None
+    return lambda variables, *args, **kwargs: denoise(jax.lax.with_sharding_constraint(variables, replicated),
+                                                      *args, **kwargs)
+  return Denoisers(*(gathered(d) for d in denoisers))
+
+
 class StepPrograms(NamedTuple):
-  """The compiled pieces of one step (exposed for tests and benchmarks)."""
-  teacher: Callable                   # settings -> jitted teacher_stage for that num_steps
-  interval: Callable                  # jitted interval_update (static: afs, last)
+  """The compiled pieces of one step (exposed for tests, benchmarks and `experiments/step_memory.py`).
+
+  `teacher` and `interval` are the programs that run first: the low-precision ones when
+  `StepOptions.precision` is low (they return a 0/1 `bad` flag as their last output, and `interval`
+  keeps the state where it is 1). `teacher_redo` and `interval_redo` are the float32 programs (the
+  only ones under float32, where they equal `teacher` and `interval`); with low precision they are
+  compiled and run only for an interval or trajectory whose low-precision result was non-finite.
+  """
+  teacher: Callable                   # settings -> jitted teacher stage for that num_steps
+  interval: Callable                  # jitted interval update (static: afs, last)
+  teacher_redo: Callable              # settings -> jitted float32 teacher stage
+  interval_redo: Callable             # jitted float32 interval update
 
 
 def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opts: StepOptions = StepOptions(),
               *, mesh=None, data_axis: str = 'data', last_interval_loss: Optional[Callable] = None,
-              targets_fn: Optional[Callable] = None, vp=None, debug: bool = False):
+              targets_fn: Optional[Callable] = None, vp=None, state_sharding=None, debug: bool = False):
   """The SFD step: one donated `TrainState` in, the new state and a fixed metrics dict out.
 
   Two jitted programs do the work: the teacher stage (compiled once per `settings`, i.e. per
@@ -393,6 +411,12 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   and step condition are traced, so it compiles once for every interval of every num_steps
   (plus a tiny program for the AFS interval, which calls no network). A Python loop calls
   the interval program once per interval, as the official loop calls its loss once per step.
+
+  With low precision the step reads one scalar per program run: a low-precision teacher
+  trajectory or interval with a non-finite value is redone by the float32 program (a separate
+  compiled program, so it adds nothing to the low-precision program's memory) and counted in
+  `redo` / `teacher_redo`; the low-precision interval program then leaves the state it was given
+  unchanged (it is donated into the output), and the float32 one starts from it.
 
   Args:
     denoisers: the networks (`Denoisers`).
@@ -411,6 +435,8 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
       stage (the second stage's Euler teacher). It gets the float32 teacher in every precision
       (no bf16 teacher, no redo) and, like the teacher stage, one micro-batch of b rows at a
       time, so it must treat rows independently.
+    state_sharding: with `mesh`, the `TrainState` of shardings the state keeps (`train.shard_state`:
+      sharded over `data_axis`); None: replicated.
     debug: metrics also hold 'debug': targets, trajectory, out, denoised and grads per interval.
 
   Returns:
@@ -423,34 +449,54 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   """
   if opts.precision not in PRECISIONS:
     raise ValueError(f'precision={opts.precision!r} unknown (valid: {", ".join(PRECISIONS)})')
-  if opts.precision != 'float32' and (denoisers.student_low is None or denoisers.teacher_low is None):
+  low = opts.precision != 'float32'
+  if low and (denoisers.student_low is None or denoisers.teacher_low is None):
     raise ValueError(f'precision={opts.precision!r} needs the low-precision denoisers (Denoisers.*_low)')
   shard = lambda *spec: None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   replicated, data = shard(), shard(data_axis)
+  state_out = replicated if state_sharding is None else state_sharding
+  if mesh is not None and state_sharding is not None:
+    denoisers = gather_variables(denoisers, replicated)
 
-  def interval_fn(state, x_in, target, times, condition, step_condition, rng, i, lr, loss_params, *, afs, last):
+  def interval_fn(state, x_in, target, times, condition, step_condition, rng, i, lr, loss_params, *, afs, last,
+                  guard):
     # The hook's value is added to every element of the L1 map: + hook · out.size to the sum.
     extra = (lambda out, tgt: last_interval_loss(loss_params, out, tgt) * out.size) if last else None
-    return interval_update(state, x_in, target, times, condition, step_condition, jax.random.fold_in(rng, i),
-                           lr, denoisers=denoisers, optimizer=optimizer, opts=opts, afs=afs, extra_loss=extra,
-                           debug=debug)
+    state, out, metrics, bad = interval_update(
+        state, x_in, target, times, condition, step_condition, jax.random.fold_in(rng, i), lr,
+        student_denoise=denoisers.student_low if guard else denoisers.student, optimizer=optimizer, opts=opts,
+        afs=afs, extra_loss=extra, debug=debug, guard=guard)
+    return (state, out, metrics, bad) if guard else (state, out, metrics)
 
   placed = mesh is not None and not debug  # debug outputs: let XLA place them
-  interval = jax.jit(interval_fn, static_argnames=('afs', 'last'), donate_argnums=0,
-                     **(dict(out_shardings=(replicated, data, dict.fromkeys(METRIC_KEYS, replicated)))
-                        if placed else {}))
+  out_shardings = (state_out, data, dict.fromkeys(METRIC_KEYS, replicated))
+
+  def jit_interval(guard: bool):
+    return jax.jit(functools.partial(interval_fn, guard=guard), static_argnames=('afs', 'last'), donate_argnums=0,
+                   **(dict(out_shardings=out_shardings + ((replicated,) if guard else ())) if placed else {}))
+
+  interval_f32 = jit_interval(False)
+  interval_low = jit_interval(True) if low else interval_f32
   teachers = {}
 
-  def teacher(settings: DistillSettings):
-    if settings not in teachers:
-      fn = functools.partial(teacher_stage, denoisers=denoisers, solve=teacher_solver(settings),
-                             plan=make_plan(settings, vp), opts=opts, debug=debug)
+  def teacher(settings: DistillSettings, precision: str = opts.precision):
+    """The jitted teacher stage of `settings` at `precision` (compiled on first use)."""
+    key = (settings, precision)
+    if key not in teachers:
+      plan = make_plan(settings, vp)
+      fn = functools.partial(teacher_stage, teacher_denoise=denoisers.teacher if precision == 'float32'
+                             else denoisers.teacher_low, solve=teacher_solver(settings), plan=plan, opts=opts,
+                             debug=debug)
       if targets_fn is not None:
-        fn = functools.partial(_custom_targets, targets_fn=targets_fn, denoisers=denoisers,
-                               plan=make_plan(settings, vp), settings=settings, opts=opts, debug=debug)
+        fn = functools.partial(_custom_targets, targets_fn=targets_fn, denoisers=denoisers, plan=plan,
+                               settings=settings, opts=opts, debug=debug)
       n = settings.num_steps - 1
-      teachers[settings] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
-    return teachers[settings]
+      teachers[key] = jax.jit(fn, **(dict(out_shardings=((data,) * n, None, replicated)) if placed else {}))
+    return teachers[key]
+
+  teacher_redo = lambda settings: teacher(settings, 'float32')
+  # The second stage's custom targets always use the float32 teacher: nothing to redo.
+  teacher_first = teacher if targets_fn is None else teacher_redo
 
   def interval_kinds(settings: DistillSettings):
     """(afs, last) of each interval: without a hook every interval runs the same program; with
@@ -458,48 +504,82 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     n = settings.num_steps - 1
     return [(settings.afs and i == 0, last_interval_loss is not None and i == n - 1) for i in range(n)]
 
+  def run_teacher(settings, teacher_variables, latents, condition):
+    """(targets, trajectory, teacher_redo): the float32 teacher redoes a non-finite low-precision one."""
+    targets, traj, bad = teacher_first(settings)(teacher_variables, latents, condition)
+    if teacher_first is teacher_redo or not int(bad):  # int(): the one scalar read per teacher run
+      return targets, traj, np.int32(0)
+    targets, traj, _ = teacher_redo(settings)(teacher_variables, latents, condition)
+    return targets, traj, np.int32(1)
+
+  def run_interval(state, args, afs, last):
+    """(state, out, metrics) of one interval; a non-finite low-precision one is redone in float32."""
+    if not low or afs:
+      return interval_f32(state, *args, afs=afs, last=last)
+    state, out, m, bad = interval_low(state, *args, afs=afs, last=last)
+    if not int(bad):  # the one scalar read per interval
+      return state, out, m
+    state, out, m = interval_f32(state, *args, afs=afs, last=last)  # `state` is the one the interval received
+    return state, out, dict(m, redo=np.int32(1))
+
   def step(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr, settings: DistillSettings,
            loss_params=None):
     plan = make_plan(settings, vp)
-    targets, traj, teacher_redo = teacher(settings)(teacher_variables, latents, condition)
+    targets, traj, teacher_redo_count = run_teacher(settings, teacher_variables, latents, condition)
     times = interval_times(plan)
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     lr = np.float32(lr)
     x, per_interval, outs = latents, [], []
     for i, (afs, last) in enumerate(interval_kinds(settings)):
-      state, x, m = interval(state, x, targets[i], times[i], condition, step_condition, dropout_rng,
-                             np.int32(i), lr, loss_params, afs=afs, last=last)
+      args = (x, targets[i], times[i], condition, step_condition, dropout_rng, np.int32(i), lr, loss_params)
+      state, x, m = run_interval(state, args, afs, last)
       per_interval.append(m)
       outs.append(x)
     metrics = {k: jnp.stack([m[k] for m in per_interval]) for k in METRIC_KEYS}
-    metrics['teacher_redo'] = teacher_redo
+    metrics['teacher_redo'] = teacher_redo_count
     if debug:
       metrics['debug'] = dict(targets=targets, trajectory=traj, out=outs,
                               denoised=[m['debug']['denoised'] for m in per_interval],
                               grads=[m['debug']['grads'] for m in per_interval if m['debug']['grads'] is not None])
     return state, metrics
 
-  def compile_programs(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr,
-                       settings: DistillSettings, loss_params=None, *, workers: int = 2):
-    """Compiles every program `step(...)` runs for these arguments, `workers` at a time (XLA
-    compiles without holding the GIL), so the first step does not compile them one after the
-    other. Nothing runs and nothing is donated.
-
-    Returns:
-      {program name: seconds from the start until its compilation finished}.
-    """
-    lowered = {f'teacher(num_steps={settings.num_steps})':
-               teacher(settings).lower(teacher_variables, latents, condition)}
-    targets = jax.eval_shape(teacher(settings), teacher_variables, latents, condition)[0]
+  def lower_programs(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr,
+                     settings: DistillSettings, loss_params=None, *, redo: bool = False):
+    """{program name: lowered program} of what `step(...)` runs first for these arguments (with
+    `redo`, also the float32 programs a low-precision step falls back on). Nothing runs."""
+    first = teacher_first(settings)
+    lowered = {f'teacher(num_steps={settings.num_steps})': first.lower(teacher_variables, latents, condition)}
+    if redo and low and first is not teacher_redo(settings):
+      lowered[f'teacher(num_steps={settings.num_steps}) float32 redo'] = teacher_redo(settings).lower(
+          teacher_variables, latents, condition)
+    targets = jax.eval_shape(first, teacher_variables, latents, condition)[0]
     times = interval_times(make_plan(settings, vp))
     step_condition = np.float32(settings.num_steps) if settings.use_step_condition else None
     for i, (afs, last) in enumerate(interval_kinds(settings)):
       name = 'interval' + (' (afs)' if afs else '') + (' (last)' if last else '')
-      if name not in lowered:
-        # `latents` stands for every interval's input: same shape, dtype and sharding.
-        target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype, sharding=latents.sharding)
-        lowered[name] = interval.lower(state, latents, target, times[i], condition, step_condition,
-                                       dropout_rng, np.int32(i), np.float32(lr), loss_params, afs=afs, last=last)
+      programs = [(name, interval_low if not afs else interval_f32)]
+      if redo and low and not afs:
+        programs.append((name + ' float32 redo', interval_f32))
+      for program_name, program in programs:
+        if program_name not in lowered:
+          # `latents` stands for every interval's input: same shape, dtype and sharding.
+          target = jax.ShapeDtypeStruct(targets[i].shape, targets[i].dtype,
+                                        sharding=getattr(latents, 'sharding', None))
+          lowered[program_name] = program.lower(state, latents, target, times[i], condition, step_condition,
+                                                dropout_rng, np.int32(i), np.float32(lr), loss_params, afs=afs, last=last)
+    return lowered
+
+  def compile_programs(state: TrainState, teacher_variables, latents, condition, dropout_rng, lr,
+                       settings: DistillSettings, loss_params=None, *, workers: int = 2):
+    """Compiles every program `step(...)` runs for these arguments, `workers` at a time (XLA
+    compiles without holding the GIL), so the first step does not compile them one after the
+    other. Nothing runs and nothing is donated. The float32 redo programs of a low-precision
+    step are left to their first (rare) use.
+
+    Returns:
+      {program name: seconds from the start until its compilation finished}.
+    """
+    lowered = lower_programs(state, teacher_variables, latents, condition, dropout_rng, lr, settings, loss_params)
     start = time.perf_counter()
 
     def finish(item):
@@ -508,8 +588,9 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       return dict(pool.map(finish, lowered.items()))
 
-  step.programs = StepPrograms(teacher, interval)
+  step.programs = StepPrograms(teacher_first, interval_low, teacher_redo, interval_f32)
   step.compile = compile_programs
+  step.lower = lower_programs
   return step
 
 def split_variables(variables):

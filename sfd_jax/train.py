@@ -157,7 +157,7 @@ def _edm_models(run: RunConfig) -> Models:
 
 
 def _check_latent_settings(run: RunConfig, teacher) -> None:
-  """The official LDM run takes sigma_min / sigma_max from the teacher; no dropout, float32."""
+  """The official LDM run takes sigma_min / sigma_max from the teacher; no dropout."""
   d, t = run.distill, run.train
   for name, value, want in (('sigma_min', d.sigma_min, teacher.sigma_min),
                             ('sigma_max', d.sigma_max, teacher.sigma_max)):
@@ -166,8 +166,6 @@ def _check_latent_settings(run: RunConfig, teacher) -> None:
                        f'(the official value); set --config.distill.{name}={want!r}')
   if t.dropout > 0:
     raise ValueError(f'config.train.dropout={t.dropout}: latent (LDM) students have no dropout; use -1 or 0')
-  if t.precision != 'float32':
-    raise ValueError(f'config.train.precision={t.precision!r}: latent teachers train in float32 only (for now)')
 
 
 def _latent_models(run: RunConfig) -> Models:
@@ -245,25 +243,79 @@ def step_options(train_settings, num_devices: int) -> sfd.StepOptions:
                      f'config.train.batch_per_device={per}')
   micro = (batch // num_devices) // per if per else 1
   return sfd.StepOptions(precision=train_settings.precision, micro_batches=micro, num_shards=num_devices,
-                         remat=train_settings.remat)
+                         remat=train_settings.remat_policy if train_settings.remat else '')
 
 
-def make_denoisers(models: Models, precision: str) -> sfd.Denoisers:
-  """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them."""
-  if precision == 'float32':
+def make_denoisers(models: Models, precision: str, remat: str = '') -> sfd.Denoisers:
+  """The float32 denoisers, plus bfloat16-compute ones when `precision` asks for them; with
+  `remat='block'` the students recompute each U-Net block in their backward pass.
+
+  The networks are rebuilt from `models.student_config` / `teacher_config` where needed: an EDM
+  `NetworkConfig` or a latent teacher's `LatentConfig` (then `models.family.vp` is its VP table).
+  """
+  block = remat == 'block'
+  if precision == 'float32' and not block:
     return sfd.Denoisers(models.student_denoise, models.teacher_denoise)
-  if models.student_config is None or models.teacher_config is None:
-    raise ValueError(f'config.train.precision={precision!r} needs the network configs to build the '
-                     f'{precision} denoisers: Models.student_config and Models.teacher_config must be set')
-  from sfd_jax import networks  # Flax lives behind this module
+  if models.student_config is None or (precision != 'float32' and models.teacher_config is None):
+    what = f'config.train.precision={precision!r}' if precision != 'float32' else "config.train.remat_policy='block'"
+    raise ValueError(f'{what} needs the network configs to build the denoisers: Models.student_config and '
+                     'Models.teacher_config must be set')
+  build = _denoiser_builder(models)
+  student = build(models.student_config, None, block, True) if block else models.student_denoise
+  if precision == 'float32':
+    return sfd.Denoisers(student, models.teacher_denoise)
   dtype = sfd.PRECISIONS[precision]
-  return sfd.Denoisers(models.student_denoise, models.teacher_denoise,
-                       networks.make_denoise(models.student_config, dtype),
-                       networks.make_denoise(models.teacher_config, dtype))
+  return sfd.Denoisers(student, models.teacher_denoise, build(models.student_config, dtype, block, True),
+                       build(models.teacher_config, dtype, False, False))
+
+
+def _denoiser_builder(models: Models) -> Callable:
+  """`build(config, dtype, remat, student) -> denoise` for the family of `models` (EDM or latent)."""
+  from sfd_jax import networks  # Flax lives behind these modules
+  if isinstance(models.student_config, networks.NetworkConfig):
+    return lambda config, dtype, remat, student: networks.make_denoise(config, dtype, remat=remat)
+  from sfd_jax.latent import student as latent_student
+  from sfd_jax.latent.model import make_denoise as make_latent_denoise
+  vp = family_of(models).vp
+
+  def build(config, dtype, remat, student):
+    if student:
+      return latent_student.make_student_denoise(config, vp, dtype=dtype, remat=remat)
+    return make_latent_denoise(config, vp, dtype=dtype)
+  return build
+
+
+def fsdp_spec(shape, num_devices: int) -> P:
+  """The PartitionSpec `shard_state` gives an array: its largest axis that the device count
+  divides, sharded over the data axis (the first such axis on a tie); replicated if none does."""
+  axes = [i for i, d in enumerate(shape) if d % num_devices == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda i: (shape[i], -i))
+  return P(*([None] * axis + [DATA_AXIS]))
+
+
+def state_shardings(tree, mesh, shard: bool):
+  """NamedShardings of a tree of arrays (or ShapeDtypeStructs): `fsdp_spec` per leaf with
+  `shard` (`config.train.shard_state`), else replicated."""
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(jnp.shape(x), n) if shard else P()), tree)
+
+
+def place_state(mesh, params, buffers, optimizer, shard: bool) -> sfd.TrainState:
+  """The initial `TrainState` on `mesh` (host copies in, so donating it leaves the caller's arrays
+  intact), replicated or, with `shard`, FSDP-sharded (`state_shardings`); Adam's moments follow
+  their parameters' shardings."""
+  params = jax.device_put(params, state_shardings(params, mesh, shard))
+  buffers = jax.device_put(buffers, state_shardings(buffers, mesh, shard))
+  opt_shardings = state_shardings(jax.eval_shape(optimizer.init, params), mesh, shard)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  return sfd.TrainState(params, opt_state, buffers)
 
 
 def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_stage=None, **kwargs) -> Callable:
-  """The SFD step on `mesh`: state replicated and donated, batch sharded (see `sfd.make_step`).
+  """The SFD step on `mesh`: state replicated (or sharded: `state_sharding`) and donated, batch
+  sharded (see `sfd.make_step`).
 
   Returns:
     `step(state, teacher_variables, latents, condition, dropout_rng, lr, settings, loss_params=None)
@@ -272,8 +324,8 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
   if second_stage is not None:  # [second stage] Euler teacher, LPIPS hook
     kwargs.update(targets_fn=second_stage.targets_fn, last_interval_loss=second_stage.last_interval_loss)
   vp = models.family.vp if models.family is not None else None  # EDM's family has none (and may lack a config)
-  return sfd.make_step(make_denoisers(models, opts.precision), optimizer, opts, mesh=mesh, data_axis=DATA_AXIS,
-                       vp=vp, **kwargs)
+  return sfd.make_step(make_denoisers(models, opts.precision, opts.remat), optimizer, opts, mesh=mesh,
+                       data_axis=DATA_AXIS, vp=vp, **kwargs)
 
 
 def make_batch_fn(mesh, shape, source: conditions.ConditionSource, sigma_max: float) -> Callable:
@@ -413,16 +465,16 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   replicated = NamedSharding(mesh, P())
+  shard = run.train.shard_state
   # Host copies: the step donates its state, and the loaded student (whose arrays a latent teacher
   # shares) must stay intact. device_put(may_alias=False) still aliases the first device's shard to
   # a single-device source on CPU (jax 0.10.2), so donating it deleted the teacher's weights.
-  params = jax.device_put(jax.tree.map(np.array, models.student_variables['params']), replicated)
-  buffers = jax.device_put(jax.tree.map(np.array, models.student_variables.get('buffers', {})), replicated)
-  teacher_variables = jax.device_put(models.teacher_variables, replicated)
   optimizer = sfd.make_optimizer(run.optim)
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  state = place_state(mesh, jax.tree.map(np.array, models.student_variables['params']),
+                      jax.tree.map(np.array, models.student_variables.get('buffers', {})), optimizer, shard)
+  teacher_variables = jax.device_put(models.teacher_variables,
+                                     state_shardings(models.teacher_variables, mesh, shard))
   loss_params = None if second_stage is None else jax.device_put(second_stage.loss_params, replicated)
-  state = sfd.TrainState(params, opt_state, buffers)
 
   manager = checkpoint.make_manager(workdir, run.train.max_checkpoints)
   base_key, nimg, iteration = jax.random.key(run.train.seed), 0, 0
@@ -438,7 +490,9 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
 
   family = family_of(models)
   draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.condition, run.distill.sigma_max)
-  step = make_step(models, optimizer, opts, mesh, second_stage)  # teacher compiled per num_steps, student interval once
+  state_sharding = jax.tree.map(lambda x: x.sharding, state) if shard else None
+  # teacher compiled per num_steps, student interval once
+  step = make_step(models, optimizer, opts, mesh, second_stage, state_sharding=state_sharding)
   total_nimg = int(round(run.train.total_kimg * 1000))
   tick_nimg = int(round(run.train.kimg_per_tick * 1000))
   tick = nimg // tick_nimg if tick_nimg else 0

@@ -34,7 +34,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # files with the most tests first, which leaves the few slow end-to-end files for the end, one
 # worker busy while the other idles. The files below go first, slowest first (CPU time measured
 # with `--durations`, 2026-12-03; experiments/RESULTS.md), and the quick files fill the tail.
-SLOW_FILES_FIRST = ["test_step_options.py", "test_stage2.py", "test_networks.py", "test_multihost.py",
+SLOW_FILES_FIRST = ["test_sd_sfd_step.py", "test_sd_sample.py", "test_sd_train.py", "test_shard_state.py",
+                    "test_latent_step_options.py", "test_step_options.py", "test_stage2.py", "test_networks.py", "test_multihost.py",
                     "test_sfd_step.py", "test_train.py", "test_fid_inception.py", "test_lpips.py", "test_demo.py",
                     "test_teacher.py", "test_pretrain.py", "test_fid_cli.py", "test_sample.py", "test_solvers.py",
                     "test_notebook.py"]

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from sfd_jax import sfd
+from sfd_jax import sfd, train
 from sfd_jax.config_types import DistillSettings, OptimSettings
 from sfd_jax.latent.state_dict import flatten
 from sfd_jax.teacher import load_teacher
@@ -184,3 +184,48 @@ def test_params_after_each_adam_step(fx, teacher, run):
   after_step2 = flatten(run["states"][2])
   for name, value in flatten(run["state"].params).items():
     np.testing.assert_array_equal(np.asarray(value), after_step2[name], err_msg=name)
+
+
+# bfloat16 keeps 8 bits of mantissa (unit roundoff 2^-9 = 2e-3); as for EDM
+# (tests/test_step_options.py), a loss more than five times that away means something ran in less.
+BF16_LOSS_RTOL = 1e-2
+
+
+def options_iteration(teacher, settings, fx, precision, remat):
+  """The fixture iteration through `train.make_denoisers` (latent family) with these options."""
+  from sfd_jax.latent import student as latent_student
+  config = teacher.config
+  family = train.Family(shape=latent_student.latent_shape(config), condition=None, network_meta={}, decode=None,
+                        vp=teacher.vp)
+  models = train.Models(teacher.denoise, teacher.params, config,
+                        latent_student.make_student_denoise(config, teacher.vp), None, config, family)
+  optimizer = sfd.make_optimizer(OptimSettings())
+  opts = sfd.StepOptions(precision=precision, remat=remat)
+  step = sfd.make_step(train.make_denoisers(models, precision, remat), optimizer, opts, vp=teacher.vp, debug=True)
+  state, metrics = step(student_state(teacher, optimizer), teacher.params, jnp.asarray(nhwc(fx["latents"][0])), None,
+                        jax.random.key(0), 5e-5, settings)
+  return jax.device_get(metrics)
+
+
+def test_bfloat16_and_block_remat_iterations(fx, teacher, settings, run):
+  """Latent teachers take the EDM options: a bf16 UNet (student and teacher) gives losses within
+  bf16's error and nothing to redo; per-block remat gives the float32 iteration's numbers."""
+  ref = jax.device_get(run["metrics"])
+  bf16 = options_iteration(teacher, settings, fx, "bfloat16", "")
+  rel = np.abs(bf16["loss"] - ref["loss"]) / ref["loss"]
+  print("latent bf16 vs fp32 relative loss gap per interval", rel)
+  np.testing.assert_allclose(bf16["loss"], ref["loss"], rtol=BF16_LOSS_RTOL)
+  assert np.any(bf16["loss"] != ref["loss"])  # really another computation
+  assert bf16["redo"].tolist() == [0, 0, 0] and int(bf16["teacher_redo"]) == 0
+  remat = options_iteration(teacher, settings, fx, "float32", "block")
+  np.testing.assert_allclose(remat["loss"], ref["loss"], rtol=2 * FP["loss_sum"]["max_abs"] / 8523)
+  named = lambda g: {"model.diffusion_model." + k: np.asarray(v)
+                     for k, v in flatten(g["model"]["diffusion_model"]).items()}
+  for s, (g, g_ref) in enumerate(zip(remat["debug"]["grads"], ref["debug"]["grads"]), start=1):
+    ours, theirs = named(g), named(g_ref)
+    # Structural zeros and the step-condition layers (no gradient) are rounding noise: skipped as above.
+    names = [n for n in theirs if n not in DEAD and n not in KEY_BIAS and "nfe" not in n]
+    assert len(names) > 10
+    for name in names:
+      np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=GRAD_REL_TOL[s] * np.abs(theirs[name]).max(),
+                                 err_msg=f"step {s} {name}")

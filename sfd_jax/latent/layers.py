@@ -7,6 +7,7 @@ released checkpoints) get torch's default initialisation, U(-1/sqrt(fan_in), 1/s
 """
 import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -30,12 +31,14 @@ def torch_default_init(fan_in: int):
   return init
 
 
-def Linear(in_features: int, out_features: int, bias: bool = True):  # pylint: disable=invalid-name
+def Linear(in_features: int, out_features: int, bias: bool = True,  # pylint: disable=invalid-name
+           dtype: Optional[str] = None):
   """torch `nn.Linear` (weight `[out, in]`) as the EDM wing's `Linear`, with torch's default
-  initialisation: kaiming-uniform bounds sqrt(3/fan_in)·(1/sqrt(3)) = 1/sqrt(fan_in)."""
+  initialisation: kaiming-uniform bounds sqrt(3/fan_in)·(1/sqrt(3)) = 1/sqrt(fan_in). `dtype`:
+  the product's compute dtype ('bfloat16': bfloat16 operands, float32 result; None: x's dtype)."""
   scale = 1 / math.sqrt(3)
   return edm_layers.Linear(in_features=in_features, out_features=out_features, bias=bias,
-                           init_mode="kaiming_uniform", init_weight=scale, init_bias=scale)
+                           init_mode="kaiming_uniform", init_weight=scale, init_bias=scale, dtype=dtype)
 
 
 class Conv(nn.Module):
@@ -48,19 +51,23 @@ class Conv(nn.Module):
   stride: int = 1
   padding: int = 0
   conv1d: bool = False
+  dtype: Optional[str] = None         # compute dtype ('bfloat16': bf16 operands, float32 result; None: x's)
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel
     init = torch_default_init(self.in_channels * k * (1 if self.conv1d else k))
     shape = (self.out_channels, self.in_channels, 1) if self.conv1d else (self.out_channels, self.in_channels, k, k)
-    w = self.param("weight", init, shape).astype(x.dtype)
-    b = self.param("bias", init, (self.out_channels,)).astype(x.dtype)
+    w = self.param("weight", init, shape)
+    b = self.param("bias", init, (self.out_channels,))
+    xc, w, preferred = edm_layers._operands(x, w, self.dtype)  # pylint: disable=protected-access
     if self.conv1d or k == 1 and self.stride == 1 and self.padding == 0:
-      return jnp.matmul(x, w.reshape(self.out_channels, self.in_channels).T) + b
-    y = lax.conv_general_dilated(x, jnp.transpose(w, (2, 3, 1, 0)), (self.stride,) * 2,
-                                 [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + b
+      y = jnp.matmul(xc, w.reshape(self.out_channels, self.in_channels).T, preferred_element_type=preferred)
+    else:
+      y = lax.conv_general_dilated(xc, jnp.transpose(w, (2, 3, 1, 0)), (self.stride,) * 2,
+                                   [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   preferred_element_type=preferred)
+    return y + b.astype(y.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -133,10 +140,16 @@ def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
   return emb
 
 
-def attention(q, k, v, scale_q, scale_k):
+def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None):
   """softmax((q·scale_q)(k·scale_k)ᵀ) v per head; q [B, Lq, H, D], k/v [B, Lk, H, D] → [B, Lq, H, D].
 
-  The softmax runs in at least float32 (as the official code casts the logits)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale_q, k * scale_k)
-  weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  The softmax runs in at least float32 (as the official code casts the logits); with `dtype`
+  ('bfloat16') both products take operands in it and give float32 results."""
+  if dtype is None:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale_q, k * scale_k)
+    weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  low = lambda t: t.astype(dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", low(q * scale_q), low(k * scale_k), preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", low(weights), low(v), preferred_element_type=jnp.float32)

@@ -56,11 +56,12 @@ def alphas_cumprod(config: LatentConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _unet(config: LatentConfig) -> UNetModel:
-  return UNetModel(config.unet)
+def _unet(config: LatentConfig, dtype=None, remat: bool = False) -> UNetModel:
+  return UNetModel(config.unet, dtype=dtype, remat=remat)
 
 
-def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.0) -> Callable:
+def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.0, dtype=None,
+                 remat: bool = False) -> Callable:
   """SFD's `CFGPrecond` around the UNet as a pure, jit-able denoiser.
 
   D(x; σ) = x − σ·ε(x/sqrt(σ²+1), M·σ⁻¹(σ) − 1, condition). With a guidance w ≠ 1 and an
@@ -71,6 +72,10 @@ def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.
     config: the architecture.
     vp: the teacher's discrete VP table (σ and σ⁻¹).
     guidance_rate: the default guidance w (1 = conditional branch only, as in training).
+    dtype: None (float32) or 'bfloat16': the UNet's convolutions, linear layers and attention products
+      take bfloat16 operands and give float32 results; norms, embeddings, preconditioning, the
+      output and the (float32) parameters as in float32.
+    remat: recompute each UNet block in the backward pass (same numbers, less activation memory).
 
   Returns:
     `denoise(variables, x, sigma, condition=None, step_condition=None, unconditional_condition=None,
@@ -81,7 +86,7 @@ def make_denoise(config: LatentConfig, vp: VPDiscrete, guidance_rate: float = 1.
     only `['params']['model']['diffusion_model']`; `train` and `dropout_rng` are accepted for the
     SFD step's student calls and ignored (dropout 0).
   """
-  unet = _unet(config)
+  unet = _unet(config, dtype, remat)
   cfg = config.guidance_type == "classifier-free"
 
   def eps(variables, x_in, c_noise, condition, step):

@@ -26,9 +26,10 @@ def student_vp(variables: dict) -> VPDiscrete:
   return VPDiscrete.from_alphas_cumprod(variables["buffers"]["alphas_cumprod"])
 
 
-def make_student_denoise(config: LatentConfig, vp: VPDiscrete) -> Callable:
-  """CFGPrecond around the student's UNet: the teacher's `denoise` signature (see `model.make_denoise`)."""
-  return make_denoise(config, vp)
+def make_student_denoise(config: LatentConfig, vp: VPDiscrete, dtype=None, remat: bool = False) -> Callable:
+  """CFGPrecond around the student's UNet: the teacher's `denoise` signature (see `model.make_denoise`;
+  `dtype` and `remat` as there)."""
+  return make_denoise(config, vp, dtype=dtype, remat=remat)
 
 
 def make_student_decode(config: LatentConfig) -> Callable:

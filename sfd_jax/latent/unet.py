@@ -37,17 +37,21 @@ class ResBlock(nn.Module):
   use_scale_shift_norm: bool = False
   up: bool = False
   down: bool = False
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
-    cin, cout = self.channels, self.out_channels
+    cin, cout, dt = self.channels, self.out_channels, self.dtype
     emb_out = 2 * cout if self.use_scale_shift_norm else cout
     self.in_layers = ModuleDict(specs=(("0", *group_norm(cin, _EPS_UNET)),
-                                       ("2", Conv, kw(in_channels=cin, out_channels=cout, kernel=3, padding=1))))
+                                       ("2", Conv, kw(in_channels=cin, out_channels=cout, kernel=3, padding=1,
+                                                      dtype=dt))))
+    # The embedding path stays float32 (as the EDM wing's bf16 mode).
     self.emb_layers = ModuleDict(specs=(("1", Linear, kw(in_features=self.emb_channels, out_features=emb_out)),))
     self.out_layers = ModuleDict(specs=(("0", *group_norm(cout, _EPS_UNET)),
-                                        ("3", Conv, kw(in_channels=cout, out_channels=cout, kernel=3, padding=1))))
+                                        ("3", Conv, kw(in_channels=cout, out_channels=cout, kernel=3, padding=1,
+                                                       dtype=dt))))
     self.emb_nfe_layers = ModuleDict(specs=(("1", Linear, kw(in_features=self.emb_channels, out_features=emb_out)),))
-    self.skip_connection = Conv(cin, cout, kernel=1) if cout != cin else None
+    self.skip_connection = Conv(cin, cout, kernel=1, dtype=dt) if cout != cin else None
 
   def _resample(self, x):
     if self.up:
@@ -85,12 +89,13 @@ class AttentionBlock(nn.Module):
   channels: int
   num_heads: int
   new_order: bool = False
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
     c = self.channels
     self.norm = make_group_norm(c, _EPS_UNET)
-    self.qkv = Conv(c, 3 * c, conv1d=True)
-    self.proj_out = Conv(c, c, conv1d=True)
+    self.qkv = Conv(c, 3 * c, conv1d=True, dtype=self.dtype)
+    self.proj_out = Conv(c, c, conv1d=True, dtype=self.dtype)
 
   def __call__(self, x):
     n, hh, ww, c = x.shape
@@ -99,7 +104,7 @@ class AttentionBlock(nn.Module):
     axis = 2 if self.new_order else 3
     q, k, v = (jnp.take(qkv, i, axis=axis) for i in range(3))
     scale = 1 / (ch ** 0.5) ** 0.5  # both q and k scaled by ch^(-1/4)
-    a = attention(q, k, v, scale, scale).reshape(n, hh, ww, c)
+    a = attention(q, k, v, scale, scale, self.dtype).reshape(n, hh, ww, c)
     return x + self.proj_out(a)
 
 
@@ -110,19 +115,20 @@ class CrossAttention(nn.Module):
   context_dim: Optional[int]
   heads: int
   dim_head: int
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
-    inner, ctx = self.heads * self.dim_head, self.context_dim or self.query_dim
-    self.to_q = Linear(self.query_dim, inner, bias=False)
-    self.to_k = Linear(ctx, inner, bias=False)
-    self.to_v = Linear(ctx, inner, bias=False)
-    self.to_out = ModuleDict(specs=(("0", Linear, kw(in_features=inner, out_features=self.query_dim)),))
+    inner, ctx, dt = self.heads * self.dim_head, self.context_dim or self.query_dim, self.dtype
+    self.to_q = Linear(self.query_dim, inner, bias=False, dtype=dt)
+    self.to_k = Linear(ctx, inner, bias=False, dtype=dt)
+    self.to_v = Linear(ctx, inner, bias=False, dtype=dt)
+    self.to_out = ModuleDict(specs=(("0", Linear, kw(in_features=inner, out_features=self.query_dim, dtype=dt)),))
 
   def __call__(self, x, context=None):
     context = x if context is None else context
     split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
     q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-    out = attention(q, k, v, self.dim_head ** -0.5, 1.0)
+    out = attention(q, k, v, self.dim_head ** -0.5, 1.0, self.dtype)
     return self.to_out["0"](out.reshape(*x.shape[:2], self.heads * self.dim_head))
 
 
@@ -131,9 +137,10 @@ class GEGLU(nn.Module):
 
   dim_in: int
   dim_out: int
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
-    self.proj = Linear(self.dim_in, 2 * self.dim_out)
+    self.proj = Linear(self.dim_in, 2 * self.dim_out, dtype=self.dtype)
 
   def __call__(self, x):
     value, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -147,13 +154,15 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   dim_head: int
   context_dim: Optional[int]
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
-    d = self.dim
-    self.attn1 = CrossAttention(d, None, self.heads, self.dim_head)
-    self.attn2 = CrossAttention(d, self.context_dim, self.heads, self.dim_head)
+    d, dt = self.dim, self.dtype
+    self.attn1 = CrossAttention(d, None, self.heads, self.dim_head, dtype=dt)
+    self.attn2 = CrossAttention(d, self.context_dim, self.heads, self.dim_head, dtype=dt)
     self.ff = ModuleDict(specs=(("net", ModuleDict, kw(specs=(
-        ("0", GEGLU, kw(dim_in=d, dim_out=4 * d)), ("2", Linear, kw(in_features=4 * d, out_features=d))))),))
+        ("0", GEGLU, kw(dim_in=d, dim_out=4 * d, dtype=dt)),
+        ("2", Linear, kw(in_features=4 * d, out_features=d, dtype=dt))))),))
     self.norm1, self.norm2, self.norm3 = LayerNorm(d), LayerNorm(d), LayerNorm(d)
 
   def __call__(self, x, context=None):
@@ -171,15 +180,16 @@ class SpatialTransformer(nn.Module):
   dim_head: int
   depth: int
   context_dim: Optional[int]
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
-    c, inner = self.channels, self.heads * self.dim_head
+    c, inner, dt = self.channels, self.heads * self.dim_head, self.dtype
     self.norm = make_group_norm(c, _EPS_TRANSFORMER)
-    self.proj_in = Conv(c, inner, kernel=1)
+    self.proj_in = Conv(c, inner, kernel=1, dtype=dt)
     self.transformer_blocks = ModuleDict(specs=tuple(
         (str(i), BasicTransformerBlock, kw(dim=inner, heads=self.heads, dim_head=self.dim_head,
-                                           context_dim=self.context_dim)) for i in range(self.depth)))
-    self.proj_out = Conv(inner, c, kernel=1)
+                                           context_dim=self.context_dim, dtype=dt)) for i in range(self.depth)))
+    self.proj_out = Conv(inner, c, kernel=1, dtype=dt)
 
   def __call__(self, x, context=None):
     n, hh, ww, _ = x.shape
@@ -196,10 +206,11 @@ class Downsample(nn.Module):
   channels: int
   out_channels: int
   use_conv: bool
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
     if self.use_conv:
-      self.op = Conv(self.channels, self.out_channels, kernel=3, stride=2, padding=1)
+      self.op = Conv(self.channels, self.out_channels, kernel=3, stride=2, padding=1, dtype=self.dtype)
 
   def __call__(self, x):
     return self.op(x) if self.use_conv else avg_pool2(x)
@@ -211,10 +222,11 @@ class Upsample(nn.Module):
   channels: int
   out_channels: int
   use_conv: bool
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32)
 
   def setup(self):
     if self.use_conv:
-      self.conv = Conv(self.channels, self.out_channels, kernel=3, padding=1)
+      self.conv = Conv(self.channels, self.out_channels, kernel=3, padding=1, dtype=self.dtype)
 
   def __call__(self, x):
     x = upsample_nearest(x)
@@ -239,29 +251,32 @@ class TimestepEmbedSequential(ModuleDict):
 class _Plan:
   """Builds the `TimestepEmbedSequential` specs of UNetModel's three stages, tracking widths."""
 
-  def __init__(self, cfg: UNetConfig):
+  def __init__(self, cfg: UNetConfig, dtype: Optional[str] = None, remat: bool = False):
     self.cfg = cfg
     self.emb = 4 * cfg.model_channels
+    self.dtype = dtype
+    # Each input / middle / output block recomputed in the backward pass (only its input kept).
+    self.block_class = nn.remat(TimestepEmbedSequential) if remat else TimestepEmbedSequential
 
   def resblock(self, cin, cout, **updown):
     return (ResBlock, kw(channels=cin, emb_channels=self.emb, out_channels=cout,
-                         use_scale_shift_norm=self.cfg.use_scale_shift_norm, **updown))
+                         use_scale_shift_norm=self.cfg.use_scale_shift_norm, dtype=self.dtype, **updown))
 
   def attn(self, ch, upsample=False):
     cfg = self.cfg
     heads, dim_head = cfg.attention_heads(ch, upsample)
     if cfg.use_spatial_transformer:
       return (SpatialTransformer, kw(channels=ch, heads=heads, dim_head=dim_head, depth=cfg.transformer_depth,
-                                     context_dim=cfg.context_dim))
-    return (AttentionBlock, kw(channels=ch, num_heads=heads, new_order=cfg.use_new_attention_order))
+                                     context_dim=cfg.context_dim, dtype=self.dtype))
+    return (AttentionBlock, kw(channels=ch, num_heads=heads, new_order=cfg.use_new_attention_order, dtype=self.dtype))
 
-  @staticmethod
-  def seq(layers):
-    return (TimestepEmbedSequential, kw(specs=tuple((str(i), cls, k) for i, (cls, k) in enumerate(layers))))
+  def seq(self, layers):
+    return (self.block_class, kw(specs=tuple((str(i), cls, k) for i, (cls, k) in enumerate(layers))))
 
   def stages(self):
     cfg, mc = self.cfg, self.cfg.model_channels
-    inputs = [self.seq([(Conv, kw(in_channels=cfg.in_channels, out_channels=mc, kernel=3, padding=1))])]
+    inputs = [self.seq([(Conv, kw(in_channels=cfg.in_channels, out_channels=mc, kernel=3, padding=1,
+                                  dtype=self.dtype))])]
     chans, ch, ds = [mc], mc, 1
     for level, mult in enumerate(cfg.channel_mult):
       for _ in range(cfg.num_res_blocks):
@@ -273,7 +288,7 @@ class _Plan:
         chans.append(ch)
       if level != len(cfg.channel_mult) - 1:
         down = (self.resblock(ch, ch, down=True) if cfg.resblock_updown
-                else (Downsample, kw(channels=ch, out_channels=ch, use_conv=cfg.conv_resample)))
+                else (Downsample, kw(channels=ch, out_channels=ch, use_conv=cfg.conv_resample, dtype=self.dtype)))
         inputs.append(self.seq([down]))
         chans.append(ch)
         ds *= 2
@@ -287,7 +302,8 @@ class _Plan:
           layers.append(self.attn(ch, upsample=True))
         if level and i == cfg.num_res_blocks:
           layers.append(self.resblock(ch, ch, up=True) if cfg.resblock_updown
-                        else (Upsample, kw(channels=ch, out_channels=ch, use_conv=cfg.conv_resample)))
+                        else (Upsample, kw(channels=ch, out_channels=ch, use_conv=cfg.conv_resample,
+                                           dtype=self.dtype)))
           ds //= 2
         outputs.append(self.seq(layers))
     return inputs, middle, outputs, ch
@@ -297,17 +313,21 @@ class UNetModel(nn.Module):
   """eps(x, t, context, step_condition): x [N, H, W, in_channels] → [N, H, W, out_channels]."""
 
   config: UNetConfig
+  dtype: Optional[str] = None         # compute dtype of convolutions, linears and attention (None: float32);
+                                      #   parameters, norms, embeddings and the output stay float32
+  remat: bool = False                 # recompute each input / middle / output block in the backward pass
 
   def setup(self):
     cfg, mc = self.config, self.config.model_channels
-    inputs, middle, outputs, ch = _Plan(cfg).stages()
+    inputs, middle, outputs, ch = _Plan(cfg, self.dtype, self.remat).stages()
     self.time_embed = ModuleDict(specs=_mlp_specs(mc, 4 * mc))
     self.nfe_embed = ModuleDict(specs=_mlp_specs(mc, 4 * mc))
     self.input_blocks = ModuleDict(specs=tuple((str(i), cls, k) for i, (cls, k) in enumerate(inputs)))
     self.middle_block = middle[0](**dict(middle[1]))
     self.output_blocks = ModuleDict(specs=tuple((str(i), cls, k) for i, (cls, k) in enumerate(outputs)))
     self.out = ModuleDict(specs=(("0", *group_norm(ch, _EPS_UNET)),
-                                 ("2", Conv, kw(in_channels=mc, out_channels=cfg.out_channels, kernel=3, padding=1))))
+                                 ("2", Conv, kw(in_channels=mc, out_channels=cfg.out_channels, kernel=3, padding=1,
+                                                dtype=self.dtype))))
 
   def __call__(self, x, timesteps, context=None, step_condition=None):
     """Args: x NHWC; timesteps [N] (float); context [N, L, context_dim] or None; step_condition

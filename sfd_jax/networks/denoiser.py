@@ -8,11 +8,13 @@ from sfd_jax.networks.config import NetworkConfig
 from sfd_jax.networks.precond import build_precond
 
 
-def build_module(config: NetworkConfig, dtype=None):
+def build_module(config: NetworkConfig, dtype=None, remat: bool = False):
   """The (unbound) Flax preconditioner module for `config`; `dtype` ('bfloat16' or None) is the
-  U-Net's compute dtype for convolutions and attention (parameters stay float32)."""
+  U-Net's compute dtype for convolutions and attention (parameters stay float32); `remat`
+  recomputes each U-Net block in the backward pass (same variables, same numbers)."""
   pk = config.precond_kwargs_dict
-  model_kwargs = dict(config.model_kwargs_dict, **({"dtype": dtype} if dtype is not None else {}))
+  model_kwargs = dict(config.model_kwargs_dict, **({"dtype": dtype} if dtype is not None else {}),
+                      **({"remat": True} if remat else {}))
   return build_precond(config.precond, config.img_resolution, config.img_channels, config.label_dim,
                        pk, model_kwargs, config.use_step_condition, model_type=config.model_type)
 
@@ -83,8 +85,8 @@ def dropout_key(key):
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
 
 
-def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None) -> Callable:
-  module = build_module(config, dtype)
+def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None, remat: bool = False) -> Callable:
+  module = build_module(config, dtype, remat)
   needs_rng = config.dropout > 0 or float(config.model_kwargs_dict.get("label_dropout", 0)) > 0
 
   def apply(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None, *,
@@ -104,7 +106,7 @@ def _make_apply(config: NetworkConfig, return_model_output: bool, dtype=None) ->
   return apply
 
 
-def make_denoise(config: NetworkConfig, dtype=None) -> Callable:
+def make_denoise(config: NetworkConfig, dtype=None, remat: bool = False) -> Callable:
   """The denoiser D(x; σ) of `config` as a pure, jit-able function.
 
   Args:
@@ -112,6 +114,8 @@ def make_denoise(config: NetworkConfig, dtype=None) -> Callable:
     dtype: None (float32, EDM parity) or 'bfloat16': the U-Net's convolutions and attention
       products run with bfloat16 operands and float32 results; the embedding MLP (as in EDM's
       fp16 mode), preconditioning, GroupNorm and the output stay float32; parameters are float32.
+    remat: recompute each U-Net block in the backward pass (`layers.remat_block`): a gradient
+      then keeps only the blocks' inputs, not their inner activations.
 
   Returns:
     `denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None,
@@ -120,7 +124,7 @@ def make_denoise(config: NetworkConfig, dtype=None) -> Callable:
     use JAX's default precision, so on GPU/TPU wrap calls in
     `jax.default_matmul_precision('highest')` for EDM's float32 numbers.
   """
-  return _make_apply(config, return_model_output=False, dtype=dtype)
+  return _make_apply(config, return_model_output=False, dtype=dtype, remat=remat)
 
 
 def make_raw_model(config: NetworkConfig) -> Callable:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfd_jax.networks.layers import Conv2d, GroupNorm, Linear, ModuleDict, PositionalEmbedding, UNetBlock, silu
+from sfd_jax.networks.layers import (Conv2d, GroupNorm, Linear, ModuleDict, PositionalEmbedding, UNetBlock,
+                                     remat_block, silu)
 from sfd_jax.networks.layers import module_kwargs as _kw
 
 
@@ -32,6 +33,7 @@ class DhariwalUNet(nn.Module):
   label_dropout: float = 0.0                 # Class-label dropout (classifier-free guidance).
   use_step_condition: bool = False           # SFD-v: step-condition layers.
   dtype: Optional[str] = None                # Compute dtype of convolutions/attention (None: float32).
+  remat: bool = False                        # Recompute each UNetBlock in the backward pass (`remat_block`).
 
   @property
   def _init(self):
@@ -48,7 +50,7 @@ class DhariwalUNet(nn.Module):
                  use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
-      return UNetBlock, _kw(**block, **kw)
+      return (remat_block(UNetBlock) if self.remat else UNetBlock), _kw(**block, **kw)
 
     enc = []
     cout = self.in_channels
@@ -134,11 +136,11 @@ class DhariwalUNet(nn.Module):
     skips = []
     for name in self.enc.names():
       block = self.enc[name]
-      x = block(x, emb, emb_step, train=train) if isinstance(block, UNetBlock) else block(x)
+      x = block(x, emb, emb_step, train) if isinstance(block, UNetBlock) else block(x)
       skips.append(x)
     for name in self.dec.names():
       block = self.dec[name]
       if x.shape[-1] != block.in_channels:
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = block(x, emb, emb_step, train=train)
+      x = block(x, emb, emb_step, train)
     return self.out_conv(silu(self.out_norm(x)))

@@ -414,3 +414,11 @@ class ModuleDict(nn.Module):
 
   def __getitem__(self, name):
     return getattr(self, name)
+
+
+def remat_block(block_class):
+  """`block_class` recomputed in the backward pass (`flax.linen.remat`): only the block's inputs
+  are kept for the backward pass, its inner activations (norms, convolutions, attention) are
+  recomputed block by block there. Called as `block(x, emb, emb_step, train)`: `train` (argument
+  4, counting the module as 0) is static, a Python bool that picks dropout."""
+  return nn.remat(block_class, static_argnums=(4,))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax.networks.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, ModuleDict,
-                                     PositionalEmbedding, UNetBlock, silu)
+                                     PositionalEmbedding, UNetBlock, remat_block, silu)
 from sfd_jax.networks.layers import module_kwargs as _kw
 
 _EMBEDDING_TYPES = ("fourier", "positional")
@@ -49,6 +49,7 @@ class SongUNet(nn.Module):
   resample_filter: Sequence[int] = (1, 1)   # [1,1] DDPM++, [1,3,3,1] NCSN++.
   use_step_condition: bool = False          # SFD-v: step-condition layers.
   dtype: Optional[str] = None               # Compute dtype of convolutions/attention (None: float32).
+  remat: bool = False                       # Recompute each UNetBlock in the backward pass (`remat_block`).
 
   def _check(self):
     for field, value, allowed in (("embedding_type", self.embedding_type, _EMBEDDING_TYPES),
@@ -71,7 +72,7 @@ class SongUNet(nn.Module):
                  use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
-      return UNetBlock, _kw(**block, **kw)
+      return (remat_block(UNetBlock) if self.remat else UNetBlock), _kw(**block, **kw)
 
     enc = []
     cout = caux = self.in_channels
@@ -189,7 +190,7 @@ class SongUNet(nn.Module):
       elif "aux_residual" in name:
         x = skips[-1] = aux = (x + block(aux)) / float(np.sqrt(2))
       elif isinstance(block, UNetBlock):
-        x = block(x, emb, emb_step, train=train)
+        x = block(x, emb, emb_step, train)
         skips.append(x)
       else:
         x = block(x)
@@ -209,5 +210,5 @@ class SongUNet(nn.Module):
       else:
         if x.shape[-1] != block.in_channels:
           x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = block(x, emb, emb_step, train=train)
+        x = block(x, emb, emb_step, train)
     return aux
