@@ -35,7 +35,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # worker busy while the other idles. The files below go first, slowest first (CPU time measured
 # with `--durations`, 2026-12-03; experiments/RESULTS.md), and the quick files fill the tail.
 SLOW_FILES_FIRST = ["test_sd_sfd_step.py", "test_sd_sample.py", "test_sd_train.py", "test_shard_state.py",
-                    "test_latent_step_options.py", "test_step_options.py", "test_stage2.py", "test_networks.py", "test_multihost.py",
+                    "test_latent_step_options.py", "test_step_options.py", "test_stage2.py", "test_networks.py",
+                    "test_multihost.py",
                     "test_sfd_step.py", "test_train.py", "test_fid_inception.py", "test_lpips.py", "test_demo.py",
                     "test_teacher.py", "test_pretrain.py", "test_fid_cli.py", "test_sample.py", "test_solvers.py",
                     "test_notebook.py"]
@@ -82,6 +83,37 @@ def cli_env(num_devices: int, cache_dir) -> dict:
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EDM_FIXTURES = FIXTURES / "edm"
 SFD_FIXTURES = FIXTURES / "sfd"
+def nhwc(x):
+  """NCHW (the official code's layout) → NHWC (ours), as numpy."""
+  return np.moveaxis(np.asarray(x), -3, -1)
+
+
+def nchw(x):
+  """NHWC → NCHW, as numpy."""
+  return np.moveaxis(np.asarray(x), -1, -3)
+
+
+def sampled(value):
+  """The ldm/sfd_iter fixtures' sampling of a tensor: whole up to 1024 elements, else the elements
+  at flat indices (k·n)//512, k = 0..511. Returns (values, indices)."""
+  flat = np.asarray(value).reshape(-1)
+  if flat.size <= 1024:
+    return flat, np.arange(flat.size)
+  index = (np.arange(512) * flat.size) // 512
+  return flat[index], index
+
+
+def latent_student_state(teacher, optimizer):
+  """A latent student's TrainState from the teacher checkpoint's raw UNet weights (copied: the
+  step donates them)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sfd_jax import sfd  # pylint: disable=g-import-not-at-top
+  unet = jax.tree.map(jnp.array, teacher.raw_params["params"]["model"]["diffusion_model"])
+  params = {"model": {"diffusion_model": unet}}
+  return sfd.TrainState(params=params, opt_state=optimizer.init(params), buffers={})
+
+
 EDM_NAMES = ["edm_ddpmpp_uncond", "ve_ncsnpp_uncond", "vp_ddpmpp_cond", "edm_adm_cond", "iddpm_adm_cond"]
 
 

@@ -14,21 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, nchw, nhwc
 from sfd_jax.latent import model as latent_model
 from sfd_jax.latent.autoencoder import quantize
 from sfd_jax.latent.state_dict import flatten, is_step_condition_name
 from sfd_jax.teacher import load_teacher
 
 LDM = FIXTURES / "ldm"
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
-
-
-def nchw(x):
-  return np.moveaxis(np.asarray(x), -1, -3)
 
 
 def gap(fx, key):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, nchw, nhwc
 from sfd_jax.latent import config as latent_config
 from sfd_jax.latent import model as latent_model
 from sfd_jax.latent.state_dict import expected_shapes, nest
@@ -22,14 +22,6 @@ from sfd_jax.latent.vp import VPDiscrete
 from sfd_jax.teacher import load_teacher
 
 LDM = FIXTURES / "ldm"
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
-
-
-def nchw(x):
-  return np.moveaxis(np.asarray(x), -1, -3)
 
 
 def gap(a32, a64):

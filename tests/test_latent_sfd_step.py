@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, nhwc, latent_student_state, sampled
 from sfd_jax import sfd, train
 from sfd_jax.config_types import DistillSettings, OptimSettings
 from sfd_jax.latent.state_dict import flatten
@@ -44,19 +44,6 @@ PARAM_TOL = [None, 2 * FP["params_after_step1"]["max_excluding_structural"],
              2 * FP["params_after_step2"]["max_excluding_structural"]]
 DEAD = set(GAPS["structural_zero_gradient"]["dead_tensors"])
 KEY_BIAS = GAPS["structural_zero_gradient"]["key_bias_slices"]
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
-
-
-def sampled(name, value):
-  """The fixture's sampling of a tensor: whole up to 1024 elements, else indices (k·n)//512."""
-  flat = np.asarray(value).reshape(-1)
-  if flat.size <= 1024:
-    return flat, np.arange(flat.size)
-  index = (np.arange(512) * flat.size) // 512
-  return flat[index], index
 
 
 def live(name, index):
@@ -86,13 +73,6 @@ def settings(teacher):
                          sigma_max=teacher.sigma_max)
 
 
-def student_state(teacher, optimizer):
-  """The student starts from the checkpoint's raw UNet weights (copied: the step donates them)."""
-  unet = jax.tree.map(jnp.array, teacher.raw_params["params"]["model"]["diffusion_model"])
-  params = {"model": {"diffusion_model": unet}}
-  return sfd.TrainState(params=params, opt_state=optimizer.init(params), buffers={})
-
-
 @pytest.fixture(scope="module")
 def run(fx, teacher, settings):
   """The iteration through `make_step` (debug), plus the state after each interval."""
@@ -100,12 +80,12 @@ def run(fx, teacher, settings):
   step = sfd.make_step(sfd.Denoisers(teacher.denoise, teacher.denoise), optimizer, vp=teacher.vp, debug=True)
   latents = jnp.asarray(nhwc(fx["latents"][0]))
   rng = jax.random.key(0)
-  state, metrics = step(student_state(teacher, optimizer), teacher.params, latents, None, rng, 5e-5, settings)
+  state, metrics = step(latent_student_state(teacher, optimizer), teacher.params, latents, None, rng, 5e-5, settings)
   # A second path through the same interval program, keeping the state after each interval.
   plan = sfd.make_plan(settings, teacher.vp)
   targets = metrics["debug"]["targets"]
   times = sfd.interval_times(plan)
-  states, x, s = [], latents, student_state(teacher, optimizer)
+  states, x, s = [], latents, latent_student_state(teacher, optimizer)
   for i in range(settings.num_steps - 1):
     s, x, _ = step.programs.interval(s, x, targets[i], times[i], None, None, rng, np.int32(i), np.float32(5e-5),
                                      None, afs=i == 0, last=False)
@@ -158,7 +138,7 @@ def test_gradients(fx, run):
       if key not in fx.files:
         assert "nfe" in name and not np.any(np.asarray(value)), name  # step-condition layers: no gradient
         continue
-      ours, index = sampled(name, value)
+      ours, index = sampled(value)
       keep = live(name, index)
       scale = GAPS["tensors"][name][f"grad_step{s}_stats"]["max_abs"]
       np.testing.assert_allclose(ours[keep], fx[key][keep], rtol=0, atol=GRAD_REL_TOL[s] * scale,
@@ -178,7 +158,7 @@ def test_params_after_each_adam_step(fx, teacher, run):
         assert "nfe" in name, name
         np.testing.assert_array_equal(value, raw[name])
         continue
-      ours, index = sampled(name, value)
+      ours, index = sampled(value)
       keep = live(name, index)
       np.testing.assert_allclose(ours[keep], fx[key][keep], rtol=0, atol=PARAM_TOL[s], err_msg=key)
   after_step2 = flatten(run["states"][2])
@@ -202,8 +182,9 @@ def options_iteration(teacher, settings, fx, precision, remat):
   optimizer = sfd.make_optimizer(OptimSettings())
   opts = sfd.StepOptions(precision=precision, remat=remat)
   step = sfd.make_step(train.make_denoisers(models, precision, remat), optimizer, opts, vp=teacher.vp, debug=True)
-  state, metrics = step(student_state(teacher, optimizer), teacher.params, jnp.asarray(nhwc(fx["latents"][0])), None,
-                        jax.random.key(0), 5e-5, settings)
+  latents = jnp.asarray(nhwc(fx["latents"][0]))
+  state, metrics = step(latent_student_state(teacher, optimizer), teacher.params, latents, None, jax.random.key(0),
+                        5e-5, settings)
   return jax.device_get(metrics)
 
 

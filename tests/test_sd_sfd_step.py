@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, nchw, nhwc, latent_student_state, sampled
 from sfd_jax import sfd
 from sfd_jax.config_types import DistillSettings
 from sfd_jax.latent.state_dict import flatten, nest
@@ -59,26 +59,9 @@ AMBIGUOUS = [(a["tensor"], a["index"]) for g in FP["grads"][1:] for a in g["ambi
 LR = GAPS["settings"]["lr"]
 
 
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
-
-
-def nchw(x):
-  return np.moveaxis(np.asarray(x), -1, -3)
-
-
 def rounds(x):
   """`[128, H, W, C]` → the fixture's `[64 rounds, 2, C, H, W]`."""
   return nchw(np.asarray(x).reshape(ROUNDS, B, *np.shape(x)[1:]))
-
-
-def sampled(value):
-  """The fixture's sampling of a tensor: whole up to 1024 elements, else indices (k·n)//512."""
-  flat = np.asarray(value).reshape(-1)
-  if flat.size <= 1024:
-    return flat, np.arange(flat.size)
-  index = (np.arange(512) * flat.size) // 512
-  return flat[index], index
 
 
 def live(name, index, ambiguous=False):
@@ -108,13 +91,6 @@ def settings(teacher):
                          predict_x0=s["predict_x0"], lower_order_final=s["lower_order_final"], thresholding=True,
                          schedule_type=s["schedule_type"], schedule_rho=float(s["schedule_rho"]), afs=s["afs"],
                          sigma_min=0.1, sigma_max=teacher.sigma_max)
-
-
-def student_state(teacher, optimizer):
-  """The student starts from the checkpoint's raw UNet weights (copied: the step donates them)."""
-  unet = jax.tree.map(jnp.array, teacher.raw_params["params"]["model"]["diffusion_model"])
-  params = {"model": {"diffusion_model": unet}}
-  return sfd.TrainState(params=params, opt_state=optimizer.init(params), buffers={})
 
 
 FORCED = []  # per Adam step: how many ambiguous elements had the other sign and were given the official one
@@ -154,11 +130,11 @@ def run(fx, teacher, settings):
   latents = jnp.asarray(nhwc(fx["latents"].reshape(BATCH, *fx["latents"].shape[2:])))
   condition = jnp.asarray(fx["cond_table"][fx["prompt_idx"].reshape(-1)])  # [128, 77, 32], round-major
   rng = jax.random.key(0)
-  state, metrics = step(student_state(teacher, optimizer), teacher.params, latents, condition, rng, LR, settings)
+  state, metrics = step(latent_student_state(teacher, optimizer), teacher.params, latents, condition, rng, LR, settings)
   # A second path through the same interval program, keeping the state after each interval.
   plan = sfd.make_plan(settings, teacher.vp)
   targets, times = metrics["debug"]["targets"], sfd.interval_times(plan)
-  states, x, s = [], latents, student_state(teacher, optimizer)
+  states, x, s = [], latents, latent_student_state(teacher, optimizer)
   for i in range(settings.num_steps - 1):
     s, x, _ = step.programs.interval(s, x, targets[i], times[i], condition, None, rng, np.int32(i), np.float32(LR),
                                      None, afs=i == 0, last=False)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, nchw, nhwc
 from sfd_jax.clip import VocabularyError
 from sfd_jax.latent import model as latent_model
 from sfd_jax.latent.state_dict import flatten
@@ -24,14 +24,6 @@ from sfd_jax.teacher import load_teacher
 LDM = FIXTURES / "ldm"
 CKPT, YAML = LDM / "sd_tiny.safetensors", LDM / "sd_tiny.yaml"
 PROMPTS = json.loads((LDM / "sd_tiny.json").read_text())["prompts"]
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
-
-
-def nchw(x):
-  return np.moveaxis(np.asarray(x), -1, -3)
 
 
 def gap(fx, key, index=()):

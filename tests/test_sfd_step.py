@@ -24,7 +24,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from conftest import EDM_FIXTURES, SFD_FIXTURES
+from conftest import EDM_FIXTURES, SFD_FIXTURES, nhwc
 from sfd_jax import conditions, networks, sfd, train
 from sfd_jax.config_types import DistillSettings, OptimSettings
 from sfd_jax.teacher import load_teacher
@@ -41,10 +41,6 @@ GRAD_ABS_TOL, GRAD_REL_TOL = 2 * 3.2e-5, 2 * 1.3e-5
 PARAM_TOL = 2 * 1.1e-6
 # Our fp32 error vs the fp32 error of the official code, both against the float64 rerun.
 ACCURACY_RATIO = 1.5
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), -3, -1)
 
 
 def flatten(tree, prefix=''):
