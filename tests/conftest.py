@@ -114,6 +114,20 @@ def latent_student_state(teacher, optimizer):
   return sfd.TrainState(params=params, opt_state=optimizer.init(params), buffers={})
 
 
+def flat(tree, prefix=''):
+  """A nested dict of arrays → {'a.b.c': numpy array} (the state-dict names of its leaves)."""
+  out = {}
+  for k, v in tree.items():
+    out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: np.asarray(v)})
+  return out
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  """A JAX compilation cache shared by a test module's CLI subprocess runs."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
 EDM_NAMES = ["edm_ddpmpp_uncond", "ve_ncsnpp_uncond", "vp_ddpmpp_cond", "edm_adm_cond", "iddpm_adm_cond"]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, cli_env
+from conftest import FIXTURES, cli_env, flat
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LDM = FIXTURES / 'ldm'
@@ -51,18 +51,6 @@ def run_cli(workdir, cache_dir, *extra, timeout=300):
 def ckpt_entries(workdir):
   d = pathlib.Path(workdir) / 'checkpoints'
   return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-
-
-def flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: np.asarray(v)})
-  return out
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
 
 
 @pytest.fixture(scope='module')

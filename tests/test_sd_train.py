@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 from PIL import Image
 
-from conftest import FIXTURES, cli_env
+from conftest import FIXTURES, cli_env, flat
 from sfd_jax import conditions, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,18 +104,6 @@ def command(workdir, *extra):
 def run_cli(workdir, cache_dir, *extra, timeout=300):
   return subprocess.run(command(workdir, *extra), cwd=ROOT, env=cli_env(2, cache_dir), capture_output=True, text=True,
                         timeout=timeout)
-
-
-def flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: np.asarray(v)})
-  return out
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
 
 
 @pytest.mark.slow

@@ -79,11 +79,6 @@ def params_of(workdir):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
-
-
-@pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   result = run_cli(workdir, cache_dir)
