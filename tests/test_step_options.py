@@ -253,9 +253,11 @@ def test_accumulation_on_two_devices_equals_full_batch(models, reference):
 def test_remat_gives_the_same_iteration(models, reference, remat):
   params, m, debug = one_iteration(models, sfd.StepOptions(remat=remat))
   ref_params, ref, ref_debug = reference
-  # Remat changes how XLA fuses the forward pass (per-block checkpoints), so the loss sums may
-  # take another reduction order: the file's reduction-order bound.
-  np.testing.assert_allclose(m['loss'], ref['loss'], rtol=LOSS_SUM_RTOL)
+  if remat == 'full':  # one checkpoint around the whole forward: the same program, the same loss
+    np.testing.assert_array_equal(m['loss'], ref['loss'])
+  else:  # per-block checkpoints change how XLA fuses the forward pass: the loss sums may take another
+    # reduction order (jax 0.12.1: 1e-7 relative), the file's reduction-order bound
+    np.testing.assert_allclose(m['loss'], ref['loss'], rtol=LOSS_SUM_RTOL)
   for g, g_ref in zip(debug['grads'], ref_debug['grads']):
     rel = max_rel_grad_diff(g, g_ref)
     print(f'remat={remat}: max relative gradient difference {rel:.2e}')
