@@ -1,8 +1,9 @@
 """Compile time of the student program: gradient statistics per array against one concatenation.
 
 `sfd.sanitize_grads` counts the non-finite gradient values and takes the gradient norm (both
-metrics). It reduces both from one concatenation of all gradients (an extra gradient-sized
-buffer); before, it reduced them per parameter array, and each array added about four XLA fusions
+metrics). It reduces both from concatenations of the gradients in groups of at most
+`sfd.GRAD_STATS_GROUP` values (variant `concatenated`); until 2026-12-07 from one concatenation of
+all of them (`one_concatenation`: extra gradient-sized buffers); before, per parameter array, and each array added about four XLA fusions
 to the student's training program (reductions, which XLA:CPU splits into reduce-window + reduce).
 This script compiles the CIFAR-10-size step (`bench_sfd_step.CIFAR10_DDPMPP`, batch 8) with each
 formulation, in its own process, alternating, and prints when each program finished compiling.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ('concatenated', 'per_array', 'sgd', 'flat_adam')
+VARIANTS = ('concatenated', 'one_concatenation', 'per_array', 'sgd', 'flat_adam')
 
 
 def per_array_stats(grads):
@@ -46,6 +47,8 @@ def child(variant: str, small: bool):
   from sfd_jax import sfd
   if variant == 'per_array':
     sfd.sanitize_grads = per_array_stats
+  if variant == 'one_concatenation':  # before groups of sfd.GRAD_STATS_GROUP values
+    sfd.GRAD_STATS_GROUP = 1 << 40
   if variant == 'sgd':
     import jax.numpy as jnp
     import optax

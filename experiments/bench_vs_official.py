@@ -29,6 +29,22 @@ by an empty stand-in after Lightning is imported.
   python experiments/bench_vs_official.py --official=/tmp/ext/sfd-main --model=lsun_bedroom_ldm \
       --official_python=/tmp/offvenv/bin/python --batch=2 --rounds=2
 
+`--model=ms_coco`: Stable Diffusion v1.5 (their v1-inference.yaml: UNet 320 channels with
+cross-attention and `use_checkpoint: True`, KL-f8 first stage, CLIP ViT-L/14 text encoder; random
+weights) in their classifier-free `CFGPrecond` with `guidance_rate = 1.0` as their loop trains it;
+sigma in [0.1, sigma(1)], discrete schedule with rho 1 (configs/ms_coco.py); one accumulation
+round of `--batch` prompts per iteration, conditions encoded by the text encoder in each
+iteration (their `get_learned_conditioning`; our jitted batch function). Their
+`FrozenCLIPEmbedder` loads `openai/clip-vit-large-patch14` from the Hugging Face hub, which this
+machine cannot reach: the official worker builds transformers' `CLIPTextModel` from the ViT-L/14
+text config with random weights instead, and its tokenizer is a stand-in that returns fixed ids
+(BOS, 8 word ids, EOS padding: tokenising is host string work, not part of the compute compared).
+Their encoders module also imports `clip` and `kornia` for other encoders: empty stand-ins. That
+environment needs `transformers` besides the LDM dependencies.
+
+  python experiments/bench_vs_official.py --official=/tmp/ext/sfd-main --model=ms_coco \
+      --official_python=/tmp/offvenv/bin/python --batch=1 --rounds=1 --sequential
+
 The official side is their own code imported by sys.path: `training.loss.loss` (teacher
 trajectory + student Euler step), their `EDMPrecond`, torch.optim.Adam with their arguments,
 and the body of `training_loop.training_loop` for one GPU and one accumulation round (zero_grad,
@@ -55,7 +71,8 @@ TAG = '@@ '  # prefix of the workers' protocol lines on stdout
 SFD = dict(num_steps=4, M=3, sampler_tea='dpmpp', max_order=3, predict_x0=True, lower_order_final=True,
            schedule_type='polynomial', schedule_rho=7.0, afs=True, sigma_min=0.006, sigma_max=80.0)
 LR = 5e-5
-MODELS = ('cifar10', 'lsun_bedroom_ldm')
+MODELS = ('cifar10', 'lsun_bedroom_ldm', 'ms_coco')
+LATENT = {'lsun_bedroom_ldm': 'ldm-lsun-bedroom', 'ms_coco': 'sd-v1'}  # model -> sfd_jax preset
 
 
 def settings_of(model: str) -> dict:
@@ -63,7 +80,12 @@ def settings_of(model: str) -> dict:
   filled in by each worker from its own network."""
   if model == 'lsun_bedroom_ldm':
     return dict(SFD, schedule_type='discrete', schedule_rho=1.0, sigma_max=None)
+  if model == 'ms_coco':  # their create_model: sigma_min 0.1; configs/ms_coco.py
+    return dict(SFD, schedule_type='discrete', schedule_rho=1.0, sigma_min=0.1, sigma_max=None)
   return dict(SFD)
+
+
+PROMPT_IDS = [320, 1929, 3309, 525, 518, 2077, 539, 320]  # 'a bedroom with ...'-like word ids: any 8 do
 
 
 def say(**kwargs):
@@ -105,6 +127,41 @@ def _official_ldm_net(official, device):
   return net
 
 
+class _FixedTokenizer:
+  """Stands in for transformers' CLIPTokenizer (whose vocabulary would be downloaded): the same
+  77 ids for every prompt, BOS + PROMPT_IDS + EOS-padding, in the dict form their encoder reads."""
+
+  def __call__(self, text, max_length=77, **unused):
+    import torch
+    ids = [49406, *PROMPT_IDS] + [49407] * (max_length - 1 - len(PROMPT_IDS))
+    return {'input_ids': torch.tensor([ids] * len(text))}
+
+
+def _official_sd_net(official, device):
+  """Their LatentDiffusion for SD v1.5 (random weights) in their classifier-free CFGPrecond."""
+  import pytorch_lightning  # noqa: F401  (first: see _official_ldm_net)
+  import transformers
+  _stand_in('torchvision', always=True)
+  _stand_in('torchvision.utils', always=True, make_grid=None)
+  _stand_in('clip')  # their encoders module imports it for FrozenCLIPTextEmbedder, unused by SD v1
+  _stand_in('kornia')  # ... and for FrozenClipImageEmbedder's preprocessing
+  text_config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, hidden_act='quick_gelu')
+  # No hub: the ViT-L/14 text tower with random weights, and the fixed-id tokenizer.
+  transformers.CLIPTextModel.from_pretrained = classmethod(lambda cls, *a, **k: cls(text_config))
+  transformers.CLIPTokenizer.from_pretrained = classmethod(lambda cls, *a, **k: _FixedTokenizer())
+  from omegaconf import OmegaConf
+  from models.ldm.util import instantiate_from_config  # noqa: E402  (their code, by sys.path)
+  from models.networks_edm import CFGPrecond  # noqa: E402
+  config = OmegaConf.load(official / 'models/ldm/configs/stable-diffusion/v1-inference.yaml')
+  config.model.params.cond_stage_config.params = {'device': str(device)}  # their default is 'cuda'
+  net = CFGPrecond(instantiate_from_config(config.model), img_resolution=64, img_channels=4, guidance_rate=1.,
+                   guidance_type='classifier-free', label_dim=True).to(device)
+  net.sigma_min = 0.1
+  return net
+
+
 def official_worker(args):
   """Builds the official student/teacher and runs their training iteration on request."""
   import contextlib
@@ -131,8 +188,8 @@ def official_worker(args):
   # Their create_model('cifar10') network kwargs.
   sfd = settings_of(args.model)
   t_setup = time.perf_counter()
-  if args.model == 'lsun_bedroom_ldm':
-    net = _official_ldm_net(official, device)
+  if args.model in LATENT:
+    net = (_official_ldm_net if args.model == 'lsun_bedroom_ldm' else _official_sd_net)(official, device)
     sfd['sigma_max'] = net.sigma_max
   else:
     net = EDMPrecond(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet',
@@ -143,7 +200,12 @@ def official_worker(args):
   net.use_fp16 = args.official_fp16
   teacher = copy.deepcopy(net).eval()
   net.train().requires_grad_(True)
-  latent = args.model == 'lsun_bedroom_ldm'
+  latent = args.model in LATENT
+  text = args.model == 'ms_coco'
+  uc = None
+  if text:  # their loop encodes "" once before training (used only at guidance != 1)
+    with torch.no_grad():
+      uc = net.model.get_learned_conditioning(args.batch * [''])
   # Their loop runs an LDM teacher inside its LitEma scope (EMA weights swapped in and back).
   teacher_scope = teacher.model.ema_scope if latent else contextlib.nullcontext
   loss_fn = SFDLoss(num_steps=sfd['num_steps'], sampler_tea=sfd['sampler_tea'], M=sfd['M'],
@@ -158,12 +220,16 @@ def official_worker(args):
   def iteration():
     latents = loss_fn.sigma_max * torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution],
                                               device=device)
+    cond = {}
+    if text:  # their loop: prompts drawn per round, encoded by the (frozen) text encoder
+      with torch.no_grad():
+        cond = dict(condition=net.model.get_learned_conditioning(['a prompt'] * batch), unconditional_condition=uc)
     with torch.no_grad(), teacher_scope():
-      teacher_traj = loss_fn.get_teacher_traj(net=teacher, tensor_in=latents, labels=None)
+      teacher_traj = loss_fn.get_teacher_traj(net=teacher, tensor_in=latents, labels=None, **cond)
     for step_idx in range(loss_fn.num_steps - 1):
       optimizer.zero_grad(set_to_none=True)
       loss, stu_out = loss_fn(net=net, tensor_in=latents, labels=None, step_idx=step_idx,
-                              teacher_out=teacher_traj[step_idx])
+                              teacher_out=teacher_traj[step_idx], **cond)
       latents = stu_out
       training_stats.report('Loss/loss', loss)
       if not (loss_fn.afs and step_idx == 0):
@@ -202,7 +268,7 @@ def jax_worker(args):
   from sfd_jax import networks
   models, cfg = bench.build_models(dict(bench.CIFAR10_DDPMPP))
   extra = {}
-  if args.model == 'lsun_bedroom_ldm':
+  if args.model in LATENT:
     return jax_ldm_worker(args)
   if args.jax_dtype != 'float32':
     if 'dtype' not in inspect.signature(bench.make_runner).parameters:  # older checkouts
@@ -229,9 +295,9 @@ def jax_worker(args):
 
 
 def jax_ldm_worker(args):
-  """The LSUN-Bedroom LDM-4 teacher and student in sfd_jax (random weights); compiles the step's
-  programs first (`step.compile`, one thread: its time is the compile time reported), then runs
-  the first iteration."""
+  """The LSUN-Bedroom LDM-4 (or SD v1.5) teacher and student in sfd_jax (random weights); compiles
+  the step's programs first (`step.compile`, one thread: its time is the compile time reported),
+  then runs the first iteration."""
   sys.path.insert(0, str(ROOT / 'experiments'))
   sys.path.insert(0, str(ROOT))
   import jax
@@ -241,9 +307,15 @@ def jax_ldm_worker(args):
   from sfd_jax.config_types import DistillSettings, OptimSettings, TrainSettings
   from sfd_jax.latent import student as latent_student
   t0 = time.perf_counter()
-  teacher = latent_random.random_teacher('ldm-lsun-bedroom')
+  teacher = latent_random.random_teacher(LATENT[args.model])
   config, vp = teacher.config, teacher.vp
-  family = train.Family(shape=latent_student.latent_shape(config), condition=conditions.unconditional(),
+  if args.model == 'ms_coco':  # prompts tokenised once; each batch drawn and encoded in the jitted draw
+    token_ids = np.array([[49406, *PROMPT_IDS] + [49407] * (76 - len(PROMPT_IDS))] * max(args.batch, 16), np.int32)
+    encoder = {'params': {'cond_stage_model': teacher.params['params']['cond_stage_model']}}
+    source = conditions.text_prompts(token_ids, teacher.encode_tokens, encoder)
+  else:
+    source = conditions.unconditional()
+  family = train.Family(shape=latent_student.latent_shape(config), condition=source,
                         network_meta={}, decode=None, vp=vp)
   variables = latent_student.student_variables(teacher.raw_params)
   models = train.Models(teacher.denoise, teacher.params, config, latent_student.make_student_denoise(config, vp),
@@ -259,7 +331,7 @@ def jax_ldm_worker(args):
   # Host copies: the student's arrays are the random teacher's own (no LitEma here), and on CPU
   # device_put aliases them, so donating the state would delete the teacher's weights (train.py).
   params, buffers = jax.device_put(jax.tree.map(np.array, sfd.split_variables(variables)), replicated)
-  teacher_variables = jax.device_put(teacher.params, replicated)
+  teacher_variables = jax.device_put(teacher.denoiser_variables(), replicated)  # as train.py
   del teacher, variables, models  # the device copies are what runs
   state = [sfd.TrainState(params, jax.jit(optimizer.init, out_shardings=replicated)(params), buffers)]
   build_s = time.perf_counter() - t0

@@ -18,12 +18,23 @@ def linear_alphas_cumprod(config) -> np.ndarray:
   return np.cumprod(1.0 - betas).astype(np.float32)
 
 
+def all_shapes(config) -> dict:
+  """Every tensor of a checkpoint of `config`: the UNet and first stage, plus SD's CLIP text
+  encoder (`cond_stage_model.transformer.text_model.*`) when the config has one."""
+  shapes = dict(expected_shapes(config))
+  if config.text_encoder is not None:
+    from sfd_jax.clip.sd_text_encoder import state_dict_shapes  # pylint: disable=g-import-not-at-top
+    prefix = 'cond_stage_model.transformer.text_model.'
+    shapes.update({prefix + name: shape for name, shape in state_dict_shapes(config.text_encoder).items()})
+  return shapes
+
+
 def random_state_dict(config, seed: int = 0) -> dict:
   """{state-dict name: float32 array} of every parameter of `config`, plus `alphas_cumprod`."""
   rng = np.random.default_rng(seed)
   out = {}
-  for name, shape in expected_shapes(config).items():
-    if name.endswith('embedding.weight'):  # the VQ codebook
+  for name, shape in all_shapes(config).items():
+    if name.endswith('embedding.weight'):  # the VQ codebook; CLIP's token / position tables
       value = rng.standard_normal(shape)
     elif len(shape) >= 2:
       value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))

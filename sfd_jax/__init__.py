@@ -7,6 +7,8 @@ from sfd_jax import cpu_devices as _cpu_devices
 # A run with fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) gets collective
 # timeouts that a busy machine cannot trip (see cpu_devices); nothing changes otherwise.
 _cpu_devices.raise_collective_timeouts()
+# XLA:CPU's default schedule holds e.g. every transposed convolution kernel at once (cpu_devices).
+_cpu_devices.use_memory_scheduler()
 
 __all__ = ["load_teacher", "Teacher"]
 

@@ -8,6 +8,15 @@ the rendezvous, but only 5 of them arrived on time`, then SIGABRT). Eight device
 busy cores can miss that deadline without anything being wrong. `xla_flags` adds generous
 timeouts to `XLA_FLAGS` wherever fake devices are asked for; XLA reads the variable when JAX
 first initialises its backend, so it must be set before any array is created.
+
+The same goes for XLA:CPU's instruction scheduler. Its default, the concurrency-optimised
+scheduler, starts independent instructions as early as it can: every transposed copy of a
+convolution kernel that a network's forward pass needs is made at the start of the program and
+held to its use (2.2 GiB for Stable Diffusion's UNet whatever the batch), and so are other
+early-startable buffers. `use_memory_scheduler` (run at import) turns it off, so that XLA picks
+its memory-minimising schedule: the same operations in another order, identical results
+(experiments/RESULTS.md, "XLA:CPU's scheduler"). A value given in XLA_FLAGS is kept; GPU and TPU
+backends ignore the flag.
 """
 import os
 from typing import Optional
@@ -19,6 +28,8 @@ TERMINATE_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
 WARN_STUCK_FLAG = '--xla_cpu_collective_call_warn_stuck_timeout_seconds'
 TERMINATE_TIMEOUT_S = 3600   # XLA's default is 40 s
 WARN_STUCK_TIMEOUT_S = 600   # XLA's default is 20 s
+# XLA:CPU's default scheduler trades memory for concurrency between instructions (see above).
+CONCURRENCY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
 
 
 def _names(flags: str) -> set:
@@ -62,3 +73,11 @@ def raise_collective_timeouts() -> None:
   flags = os.environ.get('XLA_FLAGS', '')
   if DEVICE_COUNT_FLAG in _names(flags):
     os.environ['XLA_FLAGS'] = xla_flags(flags)
+
+
+def use_memory_scheduler() -> None:
+  """Asks XLA:CPU for its memory-minimising instruction schedule instead of the concurrency-optimised
+  default, unless XLA_FLAGS already sets the flag (run at import, before JAX's backend starts)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if CONCURRENCY_SCHEDULER_FLAG not in _names(flags):
+    os.environ['XLA_FLAGS'] = f'{flags} {CONCURRENCY_SCHEDULER_FLAG}=false'.strip()

@@ -73,6 +73,7 @@ def _make_plan(settings: DistillSettings, vp) -> Plan:
 
 PRECISIONS = {'float32': None, 'bfloat16': 'bfloat16'}  # config name -> network compute dtype
 METRIC_KEYS = ('loss', 'grad_norm', 'nonfinite', 'redo')
+GRAD_STATS_GROUP = 1 << 20  # values per concatenation in sanitize_grads (4 MiB of float32)
 
 
 class TrainState(NamedTuple):
@@ -323,10 +324,15 @@ def sanitize_grads(grads):
   """nan → 0, ±inf → ±1e5 (as the official loop); also counts the non-finite values and takes the
   norm of the clean gradient.
 
-  The count and the norm are reduced from one concatenation of all gradient arrays (a transient
-  buffer of the gradient's size). Reduced per array, they added about four XLA fusions per
-  parameter array (495 arrays in the CIFAR-10 student) and about 7 s to the 34 s the student
-  program took to compile on a 2-core Intel Xeon (`experiments/ab_grad_stats.py`).
+  The count and the norm are reduced from concatenations of the gradient arrays, each of at most
+  `GRAD_STATS_GROUP` values (an array larger than that alone). Reduced per array, they added
+  about four XLA fusions per parameter array (495 arrays in the CIFAR-10 student) and about 7 s to
+  the 34 s the student program took to compile on a 2-core Intel Xeon
+  (`experiments/ab_grad_stats.py`). One concatenation of everything kept the whole gradient
+  alive until all of it existed, where XLA otherwise applies Adam to each array as its gradient
+  is ready: the Stable Diffusion student's interval program needed 7.22 GiB of temp that way,
+  3.59 GiB with groups of 2^20 values, 4.29 GiB per array, 3.22 GiB without statistics
+  (experiments/RESULTS.md, "Stable Diffusion v1.5 on this CPU").
 
   Returns:
     (clean grads, number of non-finite values as int32, global L2 norm of the clean grads).
@@ -335,10 +341,24 @@ def sanitize_grads(grads):
   leaves = jax.tree.leaves(grads)
   if not leaves:
     return grads, jnp.int32(0), jnp.float32(0.0)
-  flat = jnp.concatenate([jnp.ravel(g) for g in leaves])
-  count = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(clean_of(flat))))
-  return jax.tree.map(clean_of, grads), count, norm
+  count, sum_sq = jnp.int32(0), jnp.float32(0.0)
+  for group in _size_groups(leaves, GRAD_STATS_GROUP):
+    flat = group[0].ravel() if len(group) == 1 else jnp.concatenate([jnp.ravel(g) for g in group])
+    count = count + jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
+    sum_sq = sum_sq + jnp.sum(jnp.square(clean_of(flat)))
+  return jax.tree.map(clean_of, grads), count, jnp.sqrt(sum_sq)
+
+
+def _size_groups(leaves, limit: int) -> list:
+  """`leaves` in order, cut into runs of at most `limit` values (an array larger than that alone)."""
+  groups, size = [[]], 0
+  for leaf in leaves:
+    if groups[-1] and size + leaf.size > limit:
+      groups.append([])
+      size = 0
+    groups[-1].append(leaf)
+    size += leaf.size
+  return groups
 
 
 def make_optimizer(optim: OptimSettings) -> optax.GradientTransformation:

@@ -195,10 +195,9 @@ def _latent_models(run: RunConfig) -> Models:
   family = Family(shape=latent_student.latent_shape(config), condition=source,
                   network_meta=dict(latent_network=config_to_dict(config)),
                   decode=latent_student.make_student_decode(config), vp=teacher.vp)
-  # The step's teacher needs no text encoder (the condition source holds it).
-  teacher_variables = dict(teacher.params, params={k: v for k, v in teacher.params['params'].items()
-                                                   if k != 'cond_stage_model'})
-  return Models(teacher.denoise, teacher_variables, config,
+  # The step's teacher is its UNet: the condition source holds the text encoder, the student's
+  # buffers the first stage.
+  return Models(teacher.denoise, teacher.denoiser_variables(), config,
                 latent_student.make_student_denoise(config, teacher.vp), variables, config, family)
 
 

@@ -70,3 +70,22 @@ def test_xla_flags_keeps_other_flags_and_replaces_the_device_count(flags, num_de
 def test_this_test_session_runs_with_the_timeouts():
   flags = os.environ['XLA_FLAGS']
   assert cpu_devices.DEVICE_COUNT_FLAG in flags and cpu_devices.TERMINATE_FLAG in flags
+
+
+def test_this_test_session_runs_with_the_memory_scheduler():
+  """`import sfd_jax` asked XLA:CPU for its memory-minimising schedule (conftest imports it first)."""
+  assert f'{cpu_devices.CONCURRENCY_SCHEDULER_FLAG}=false' in os.environ['XLA_FLAGS'].split()
+
+
+@pytest.mark.parametrize('flags,expected', [
+    ('', 'false'),
+    (f'{cpu_devices.DEVICE_COUNT_FLAG}=2', 'false'),
+    (f'{cpu_devices.CONCURRENCY_SCHEDULER_FLAG}=true', 'true'),  # the user's choice is kept
+])
+def test_memory_scheduler_flag_is_added_once_unless_given(monkeypatch, flags, expected):
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  cpu_devices.use_memory_scheduler()
+  cpu_devices.use_memory_scheduler()
+  got = [f.split('=', 1) for f in os.environ['XLA_FLAGS'].split()]
+  assert [v for k, v in got if k == cpu_devices.CONCURRENCY_SCHEDULER_FLAG] == [expected]
+  assert len(got) == len(flags.split()) + (cpu_devices.CONCURRENCY_SCHEDULER_FLAG not in flags)  # others kept

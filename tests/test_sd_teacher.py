@@ -119,6 +119,17 @@ def test_denoise_step_condition(teacher, fx):
   np.testing.assert_allclose(nchw(d), fx["D_x_step_g1_fp32"], rtol=0, atol=2 * gap(fx, "D_x_step_g1"))
 
 
+def test_denoiser_variables_are_the_unet_alone(teacher, fx):
+  """What a training step holds of the teacher (`denoiser_variables`): the UNet without the first
+  stage or the text encoder, and the same D bit for bit."""
+  unet = teacher.denoiser_variables()
+  assert set(unet) == {"params"} and set(unet["params"]) == {"model"}
+  assert {"first_stage_model", "cond_stage_model"} <= set(teacher.params["params"])
+  denoise = jax.jit(teacher.denoise)
+  x, sigma, cond = nhwc(fx["in_x_D"][2]), jnp.float32(2.0), jnp.asarray(fx["cond_fp32"])
+  assert jnp.array_equal(denoise(unet, x, sigma, cond), denoise(teacher.params, x, sigma, cond))
+
+
 def test_decode(teacher, fx):
   """decode_first_stage(z) = decoder(post_quant_conv(z / 0.18215))."""
   images = nchw(jax.jit(teacher.decode)(teacher.params, nhwc(fx["in_z"])))

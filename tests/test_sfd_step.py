@@ -344,6 +344,24 @@ def test_nan_inf_sanitised():
   np.testing.assert_allclose(float(norm), np.sqrt(2e10 + 1.0 + 4.0), rtol=1e-7)
 
 
+@pytest.mark.parametrize('group', [1, 3, 5, 1 << 26])
+def test_gradient_statistics_in_bounded_groups(monkeypatch, group):
+  """The count and norm are reduced over concatenations of at most GRAD_STATS_GROUP values (a
+  larger array alone): any grouping gives the exact count and the norm within float32 summation."""
+  monkeypatch.setattr(sfd, 'GRAD_STATS_GROUP', group)
+  rng = np.random.default_rng(0)
+  g = {k: rng.standard_normal(n).astype(np.float32) for k, n in zip('abcde', (4, 1, 2, 7, 3))}
+  g['d'][[1, 5]] = [np.nan, np.inf]
+  g['a'][0] = -np.inf
+  clean, count, norm = sfd.sanitize_grads(jax.tree.map(jnp.asarray, g))
+  assert int(count) == 3
+  want = np.concatenate([np.nan_to_num(v, nan=0.0, posinf=1e5, neginf=-1e5) for v in g.values()])
+  np.testing.assert_allclose(float(norm), np.sqrt(np.sum(want.astype(np.float64) ** 2)), rtol=1e-6)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(clean[k]) for k in g]), want)
+  sizes = [sum(leaf.size for leaf in grp) for grp in sfd._size_groups(list(g.values()), group)]
+  assert sum(sizes) == 17 and all(size <= max(group, 7) for size in sizes)
+
+
 def toy_denoise(variables, x, sigma, class_labels=None, augment_labels=None, step_condition=None, *,
                 train=False, dropout_rng=None):
   """A closed-form denoiser with two parameters and a step-condition input."""

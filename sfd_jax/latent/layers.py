@@ -140,11 +140,10 @@ def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
   return emb
 
 
-def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None):
-  """softmax((q·scale_q)(k·scale_k)ᵀ) v per head; q [B, Lq, H, D], k/v [B, Lk, H, D] → [B, Lq, H, D].
+ATTENTION_CHUNK = 1024  # queries per chunk when a sequence is longer (SD's 64x64 latents: 4096)
 
-  The softmax runs in at least float32 (as the official code casts the logits); with `dtype`
-  ('bfloat16') both products take operands in it and give float32 results."""
+
+def _dense_attention(q, k, v, scale_q, scale_k, dtype):
   if dtype is None:
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale_q, k * scale_k)
     weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
@@ -153,3 +152,24 @@ def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None):
   logits = jnp.einsum("bqhd,bkhd->bhqk", low(q * scale_q), low(k * scale_k), preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum("bhqk,bkhd->bqhd", low(weights), low(v), preferred_element_type=jnp.float32)
+
+
+def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None, chunk: int = ATTENTION_CHUNK):
+  """softmax((q·scale_q)(k·scale_k)ᵀ) v per head; q [B, Lq, H, D], k/v [B, Lk, H, D] → [B, Lq, H, D].
+
+  The softmax runs in at least float32 (as the official code casts the logits); with `dtype`
+  ('bfloat16') both products take operands in it and give float32 results.
+
+  More than `chunk` queries (a multiple of it) run `chunk` at a time in a `lax.map` whose body is
+  rematerialised: the `[B, H, Lq, Lk]` weights are never whole, and a backward pass keeps only
+  the inputs and recomputes each chunk's weights (as the official SD UNet's `use_checkpoint` does
+  for its transformer blocks). Each query row's softmax is the same computation either way. The
+  two map loops (forward, backward) are separate, so no backend's optimiser can merge the
+  recomputation back (see experiments/RESULTS.md, "memory of the step")."""
+  n, lq, h, d = q.shape
+  if not chunk or lq <= chunk or lq % chunk:
+    return _dense_attention(q, k, v, scale_q, scale_k, dtype)
+  body = jax.checkpoint(lambda qc: _dense_attention(qc, k, v, scale_q, scale_k, dtype), prevent_cse=False)
+  chunks = jnp.moveaxis(q.reshape(n, lq // chunk, chunk, h, d), 1, 0)
+  out = jax.lax.map(body, chunks)
+  return jnp.moveaxis(out, 0, 1).reshape(n, lq, h, out.shape[-1])

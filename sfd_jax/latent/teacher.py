@@ -50,6 +50,11 @@ class LatentTeacher:
   source: str
   has_ema: bool = False
 
+  def denoiser_variables(self) -> dict:
+    """The part of `params` that `denoise` reads: the UNet (`params['model']`), without the first
+    stage or the text encoder (for SD about 0.6 GB that a training step need not hold)."""
+    return {"params": {"model": self.params["params"]["model"]}}
+
   def sigma(self, t):
     """sigma(t) (traced, float32)."""
     return self.vp.sigma_jnp(t)
