@@ -88,6 +88,11 @@ def settings_of(model: str) -> dict:
 PROMPT_IDS = [320, 1929, 3309, 525, 518, 2077, 539, 320]  # 'a bedroom with ...'-like word ids: any 8 do
 
 
+def fixed_token_ids(length: int = 77) -> list:
+  """The one prompt both sides encode: BOS, PROMPT_IDS, EOS padding (SD's CLIP tokenizer layout)."""
+  return [49406, *PROMPT_IDS] + [49407] * (length - 1 - len(PROMPT_IDS))
+
+
 def say(**kwargs):
   print(TAG + json.dumps(kwargs), flush=True)
 
@@ -129,12 +134,11 @@ def _official_ldm_net(official, device):
 
 class _FixedTokenizer:
   """Stands in for transformers' CLIPTokenizer (whose vocabulary would be downloaded): the same
-  77 ids for every prompt, BOS + PROMPT_IDS + EOS-padding, in the dict form their encoder reads."""
+  77 ids for every prompt (`fixed_token_ids`), in the dict form their encoder reads."""
 
   def __call__(self, text, max_length=77, **unused):
     import torch
-    ids = [49406, *PROMPT_IDS] + [49407] * (max_length - 1 - len(PROMPT_IDS))
-    return {'input_ids': torch.tensor([ids] * len(text))}
+    return {'input_ids': torch.tensor([fixed_token_ids(max_length)] * len(text))}
 
 
 def _official_sd_net(official, device):
@@ -310,9 +314,8 @@ def jax_ldm_worker(args):
   teacher = latent_random.random_teacher(LATENT[args.model])
   config, vp = teacher.config, teacher.vp
   if args.model == 'ms_coco':  # prompts tokenised once; each batch drawn and encoded in the jitted draw
-    token_ids = np.array([[49406, *PROMPT_IDS] + [49407] * (76 - len(PROMPT_IDS))] * max(args.batch, 16), np.int32)
-    encoder = {'params': {'cond_stage_model': teacher.params['params']['cond_stage_model']}}
-    source = conditions.text_prompts(token_ids, teacher.encode_tokens, encoder)
+    token_ids = np.array([fixed_token_ids()] * max(args.batch, 16), np.int32)
+    source = conditions.text_prompts(token_ids, teacher.encode_tokens, teacher.text_encoder_variables())
   else:
     source = conditions.unconditional()
   family = train.Family(shape=latent_student.latent_shape(config), condition=source,

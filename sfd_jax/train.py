@@ -224,8 +224,7 @@ def prompt_source(run: RunConfig, teacher) -> conditions.ConditionSource:
     raise ValueError(f'config.prompts={run.prompts}: {len(prompts)} prompts, fewer than config.train.batch='
                      f'{run.train.batch} (the prompts of a batch are distinct)')
   token_ids = teacher.tokenize(prompts, run.tokenizer or None)
-  encoder = {'params': {'cond_stage_model': teacher.params['params']['cond_stage_model']}}
-  return conditions.text_prompts(token_ids, teacher.encode_tokens, encoder)
+  return conditions.text_prompts(token_ids, teacher.encode_tokens, teacher.text_encoder_variables())
 
 
 def step_options(train_settings, num_devices: int) -> sfd.StepOptions:

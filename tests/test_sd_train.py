@@ -44,8 +44,7 @@ def teacher():
 
 @pytest.fixture(scope='module')
 def source(teacher):
-  encoder = {'params': {'cond_stage_model': teacher.params['params']['cond_stage_model']}}
-  return conditions.text_prompts(teacher.tokenize(PROMPTS), teacher.encode_tokens, encoder)
+  return conditions.text_prompts(teacher.tokenize(PROMPTS), teacher.encode_tokens, teacher.text_encoder_variables())
 
 
 @pytest.fixture(scope='module')

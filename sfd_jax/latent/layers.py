@@ -165,7 +165,7 @@ def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None, chunk: int
   the inputs and recomputes each chunk's weights (as the official SD UNet's `use_checkpoint` does
   for its transformer blocks). Each query row's softmax is the same computation either way. The
   two map loops (forward, backward) are separate, so no backend's optimiser can merge the
-  recomputation back (see experiments/RESULTS.md, "memory of the step")."""
+  recomputation back (experiments/RESULTS.md, "Where the memory of the SD step went")."""
   n, lq, h, d = q.shape
   if not chunk or lq <= chunk or lq % chunk:
     return _dense_attention(q, k, v, scale_q, scale_k, dtype)

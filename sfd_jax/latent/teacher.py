@@ -55,6 +55,10 @@ class LatentTeacher:
     stage or the text encoder (for SD about 0.6 GB that a training step need not hold)."""
     return {"params": {"model": self.params["params"]["model"]}}
 
+  def text_encoder_variables(self) -> dict:
+    """The part of `params` that `encode_tokens` reads: SD's text encoder (`cond_stage_model`)."""
+    return {"params": {"cond_stage_model": self.params["params"]["cond_stage_model"]}}
+
   def sigma(self, t):
     """sigma(t) (traced, float32)."""
     return self.vp.sigma_jnp(t)
