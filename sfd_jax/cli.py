@@ -82,7 +82,10 @@ def run(prog: str, body: Callable[[], None]) -> int:
 def define_model_flags(fv):
   """The flags that choose a model and how it samples (`sfd_jax.sample`, `sfd_jax.fid calc`)."""
   from sfd_jax import sampling  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('network', None, 'EDM snapshot .pkl or converted teacher directory', flag_values=fv)
+  flags.DEFINE_string('network', None, 'teacher: EDM snapshot .pkl, LDM / SD .ckpt or .safetensors (with --arch), '
+                      'or converted teacher directory', flag_values=fv)
+  flags.DEFINE_string('arch', None, 'architecture of an LDM / SD --network checkpoint: a preset (ldm-lsun-bedroom, '
+                      'ldm-ffhq, sd-v1) or an LDM yaml path', flag_values=fv)
   flags.DEFINE_string('student', None, 'distilled student: training workdir or checkpoint directory', flag_values=fv)
   flags.DEFINE_string('seeds', '0-63', 'e.g. 0-49999 or 1,5,10-20', flag_values=fv)
   flags.DEFINE_integer('batch', 64, 'images per step over all devices', flag_values=fv)
@@ -95,15 +98,18 @@ def define_model_flags(fv):
                       flag_values=fv)
   flags.DEFINE_float('guidance', None, 'classifier-free guidance rate of a text-conditioned model; 1 runs the '
                      'conditional model alone (default 7.5, the official SD sampling rate)', flag_values=fv)
-  d = sampling.TEACHER_DEFAULTS
+  d, ld = sampling.TEACHER_DEFAULTS, sampling.LATENT_TEACHER_DEFAULTS
   for name, kind, what in (('solver', 'string', f'teacher solver, one of {sorted(sampling.solvers.SOLVERS)} '
-                                                f'(default {d.solver})'),
-                           ('num_steps', 'integer', f'time points, NFE + 1 (teacher default {d.num_steps}; an '
-                                                    'SFD-v student accepts it too)'),
-                           ('schedule', 'string', f'one of {sorted(sampling.schedules.SCHEDULES)} (default {d.schedule_type})'),
-                           ('rho', 'float', f'schedule exponent (default {d.schedule_rho})'),
-                           ('sigma_min', 'float', f'default {d.sigma_min}, at least the network\'s'),
-                           ('sigma_max', 'float', f'default {d.sigma_max}, at most the network\'s'),
+                                                f'(default {d.solver}; latent teachers {ld.solver})'),
+                           ('num_steps', 'integer', f'time points, NFE + 1 (teacher default {d.num_steps}, latent '
+                                                    f'{ld.num_steps}; an SFD-v student accepts it too)'),
+                           ('schedule', 'string', f'one of {sorted(sampling.schedules.SCHEDULES)} (default '
+                                                  f'{d.schedule_type}; latent teachers also and by default '
+                                                  f'{ld.schedule_type})'),
+                           ('rho', 'float', f'schedule exponent (default {d.schedule_rho}, latent {ld.schedule_rho})'),
+                           ('sigma_min', 'float', f'default {d.sigma_min}, at least the network\'s (latent '
+                                                  'teachers: theirs, LDM 0.006, SD 0.1)'),
+                           ('sigma_max', 'float', f'default {d.sigma_max}, at most the network\'s (latent: sigma(1))'),
                            ('afs', 'boolean', 'analytical first step (saves one NFE)'),
                            ('max_order', 'integer', 'ipndm 1-4 / dpmpp 1-3')):
     getattr(flags, f'DEFINE_{kind}')(name, None, what, flag_values=fv)
@@ -140,11 +146,13 @@ def model_batches(fv):
                    sigma_min=fv.sigma_min, sigma_max=fv.sigma_max, afs=fv.afs)
   options = sampling.SolverOptions(fv.max_order, fv.predict_x0, fv.lower_order_final, fv.thresholding)
   if fv.network:  # everything that can be checked before loading a network
-    sampling.validate(sampling.teacher_settings(**overrides), options)
+    from sfd_jax import teacher  # pylint: disable=g-import-not-at-top
+    sampling.validate(sampling.teacher_settings(latent=teacher.is_latent(fv.network, fv.arch), **overrides), options)
   elif fv.max_order is not None:
     raise ValueError('--max_order: a student samples with the settings stored in its checkpoint')
   texts = captions(fv)  # a bad prompts file is named before the network loads
-  model = sampling.load_model(fv.network, fv.student, guidance=fv.guidance, tokenizer=fv.tokenizer, **overrides)
+  model = sampling.load_model(fv.network, fv.student, guidance=fv.guidance, tokenizer=fv.tokenizer, arch=fv.arch,
+                              **overrides)
   batches = sampling.model_batches(model, seeds, options=options, batch_size=fv.batch, class_idx=fv['class'].value,
                                    progress=fv.progress, captions=texts, captions_source=fv.prompts or '--prompt')
   return batches, seeds, model

@@ -5,6 +5,11 @@ Teacher (any solver of `sfd_jax.solvers`):
   python -m sfd_jax.sample --network=edm-cifar10-32x32-uncond-vp.pkl --solver=dpmpp \
       --num_steps=6 --afs --seeds=0-63 --grid=grid.png
 
+Latent teacher (an LDM / SD checkpoint with its architecture, or a converted directory; decoded
+by its first stage; default DPM-Solver++ with 10 NFE on the discrete schedule):
+
+  python -m sfd_jax.sample --network=lsun_bedrooms/model.ckpt --arch=ldm-lsun-bedroom --seeds=0-63 --grid=grid.png
+
 Student (Euler with the settings stored in its checkpoint):
 
   python -m sfd_jax.sample --student=runs/cifar10 --seeds=0-49999 --batch=500 --outdir=out

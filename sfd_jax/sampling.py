@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfd_jax import images as images_lib
 from sfd_jax import schedules, solvers
-from sfd_jax.config_types import SamplingSettings
+from sfd_jax.config_types import LDM4_SIGMA_MAX, SamplingSettings
 
 _MAX_SEED = 2 ** 31 - 1
 # `--grid` shows at most this many images (the first seeds).
@@ -169,6 +169,13 @@ def generate(denoise_fn, shape, seeds, **kwargs):
 # EDM's sampler defaults for a teacher (its generate.py: Heun, 18 points, sigma 0.002..80).
 TEACHER_DEFAULTS = SamplingSettings(solver='heun', num_steps=18, schedule_type='polynomial', schedule_rho=7.0,
                                     afs=False, sigma_min=0.002, sigma_max=80.0)
+# A latent (LDM / Stable Diffusion) teacher's defaults, chosen here (the official sample.py leaves
+# them to its command line): DPM-Solver++ with 10 NFE on the `discrete` schedule with rho 1 (the
+# schedule the LDM configs distil on), and the teacher's own sigma range (`create_model`: sigma_min
+# 0.006 for LDM, 0.1 for SD; sigma_max = sigma(1)). The sigmas here are LDM-4's, for checking flags
+# before a network loads; the loaded teacher's replace them.
+LATENT_TEACHER_DEFAULTS = SamplingSettings(solver='dpmpp', num_steps=11, schedule_type='discrete', schedule_rho=1.0,
+                                           afs=False, sigma_min=0.006, sigma_max=LDM4_SIGMA_MAX)
 # Command-line flag of each setting (EDM's generate.py names), for error messages.
 FLAG_NAMES = dict(solver='--solver', num_steps='--num_steps', schedule_type='--schedule', schedule_rho='--rho',
                   sigma_min='--sigma_min', sigma_max='--sigma_max', afs='--afs', max_order='--max_order')
@@ -204,18 +211,28 @@ def validate(settings: SamplingSettings, options: SolverOptions = SolverOptions(
     raise ValueError(_flag_message(e)) from None
 
 
-def teacher_settings(network_config=None, **overrides) -> SamplingSettings:
-  """EDM's defaults with the given (non-None) overrides; sigmas clamped to the network's range.
+def teacher_settings(network_config=None, latent=False, **overrides) -> SamplingSettings:
+  """A teacher's defaults with the given (non-None) overrides; sigmas clamped to the network's range.
 
   Args:
     network_config: the teacher's `NetworkConfig` (None: no clamping, for early validation).
+    latent: start from `LATENT_TEACHER_DEFAULTS` (an LDM / SD teacher) instead of EDM's.
     **overrides: fields of `SamplingSettings`.
   """
-  settings = dataclasses.replace(TEACHER_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None})
+  defaults = LATENT_TEACHER_DEFAULTS if latent else TEACHER_DEFAULTS
+  settings = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
   if network_config is not None:
     settings = dataclasses.replace(settings, sigma_min=max(settings.sigma_min, network_config.sigma_min),
                                    sigma_max=min(settings.sigma_max, network_config.sigma_max))
   return settings
+
+
+def latent_teacher_settings(teacher, **overrides) -> SamplingSettings:
+  """`LATENT_TEACHER_DEFAULTS` with the teacher's sigma range, then the (non-None) overrides;
+  sigma_max clamped to sigma(1), the end of the teacher's VP table."""
+  defaults = dataclasses.replace(LATENT_TEACHER_DEFAULTS, sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)
+  settings = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+  return dataclasses.replace(settings, sigma_max=min(settings.sigma_max, teacher.sigma_max))
 
 
 def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> SamplingSettings:
@@ -277,21 +294,37 @@ class Model(NamedTuple):
     return solvers.nfe(s.solver, s.num_steps, s.afs) * (2 if self.guided else 1)
 
 
-def load_model(network=None, student=None, guidance=None, tokenizer=None, **overrides) -> Model:
+def load_model(network=None, student=None, guidance=None, tokenizer=None, arch=None, **overrides) -> Model:
   """Loads a teacher (`network`) or a distilled student and resolves its sampling settings.
 
   Args:
-    network: EDM snapshot .pkl, converted directory or SFD workdir, sampled as a teacher.
+    network: EDM snapshot .pkl, converted directory or SFD workdir, sampled as a teacher; or a
+      latent teacher (an LDM / SD `.ckpt` / `.safetensors` with `arch`, or a converted latent
+      directory), sampled with its LitEma weights and decoded by its first stage.
     student: a training workdir or checkpoint directory, sampled with its stored settings.
     guidance: classifier-free guidance of a text-conditioned model (None: `DEFAULT_GUIDANCE`).
     tokenizer: a text-conditioned model's CLIP tokenizer folder (`vocab.json` + `merges.txt`); None:
       the vocabulary in the installed open_clip_torch wheel (the same ids).
+    arch: a latent teacher checkpoint's architecture (a preset or an LDM yaml path; see
+      `sfd_jax.teacher.load_teacher`).
     **overrides: `SamplingSettings` fields (None = default / stored).
 
   Raises:
-    ValueError: `guidance` for a model without text conditions, or a bad setting (one line).
+    ValueError: `guidance` for a model without text conditions, `arch` for a student, or a bad
+      setting (one line).
   """
   from sfd_jax.networks import make_denoise  # pylint: disable=g-import-not-at-top
+  if student and arch is not None:
+    raise ValueError('--arch: a student names its own architecture (give --arch with a --network checkpoint)')
+  if network:
+    from sfd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+    if teacher_lib.is_latent(network, arch):
+      from sfd_jax.latent import student as latent_student  # pylint: disable=g-import-not-at-top
+      teacher = teacher_lib.load_teacher(network, arch)
+      # Laid out as a student's variables (UNet as params, first stage / VP table / text encoder
+      # as buffers), the teacher samples through the same CFGPrecond, decoder and text path.
+      return _latent_student_model(teacher.config, latent_student.student_variables(teacher.params),
+                                   latent_teacher_settings(teacher, **overrides), guidance, tokenizer)
   if student:
     from sfd_jax import checkpoint  # pylint: disable=g-import-not-at-top
     config, variables, stored = checkpoint.load_student(student)
@@ -397,8 +430,11 @@ def model_batches(model: Model, seeds, *, options: SolverOptions = SolverOptions
     from sfd_jax.clip import prompts  # pylint: disable=g-import-not-at-top
     prompts.captions_at(captions, seeds, captions_source, what='seed')  # every seed has its caption
     conditions = dict(zip(('condition_fn', 'condition_inputs'), text_conditions(model, captions, captions_source)))
-  t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho,
-                                   vp=model.vp)
+  try:
+    t_steps = schedules.get_schedule(s.num_steps, s.sigma_min, s.sigma_max, s.schedule_type, s.schedule_rho,
+                                     vp=model.vp)
+  except ValueError as e:  # e.g. 'discrete' without a VP table or with rho != 1: name the flag
+    raise ValueError(_flag_message(e)) from None
   solver_opts = dict(afs=s.afs)
   if s.solver != 'euler':
     solver_opts.update(dataclasses.asdict(options))

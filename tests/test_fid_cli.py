@@ -241,3 +241,26 @@ def test_calc_latent_student_scores_decoded_images_without_pngs(tmp_path, capsys
   (mu_png, sigma_png, *_), (mu_student, sigma_student, *_) = use_random_inception
   np.testing.assert_allclose(mu_student, mu_png, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(sigma_student, sigma_png, rtol=1e-9, atol=1e-12)
+
+
+def test_calc_latent_network_equals_sampling_the_teacher_to_pngs(tmp_path, capsys, use_random_inception):
+  """`calc --network model.ckpt --arch yaml`: a latent teacher sampled (Euler + AFS on the discrete
+  schedule here, to keep it short) and decoded in memory: the FID of `sample --network`'s PNGs."""
+  from conftest import FIXTURES  # pylint: disable=g-import-not-at-top
+  ldm = FIXTURES / 'ldm'
+  network = [f'--network={ldm / "ldm_bedroom_tiny.ckpt"}', f'--arch={ldm / "ldm_bedroom_tiny.yaml"}',
+             '--solver=euler', '--num_steps=3', '--afs']
+  ref = tmp_path / 'ref.npz'
+  np.savez(tmp_path / 'real.npz', arr_0=np.random.default_rng(3).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8))
+  assert _run(['ref', f'--data={tmp_path / "real.npz"}', f'--dest={ref}', BATCH, '--noprogress'], capsys)[0] == 0
+  assert sample.main([*network, '--seeds=0-7', '--batch=8', f'--outdir={tmp_path / "png"}', '--noprogress']) == 0
+  capsys.readouterr()
+  code, out_png, err = _run(['calc', f'--images={tmp_path / "png"}', f'--ref={ref}', BATCH, '--noprogress'], capsys)
+  assert code == 0, err
+  code, out_network, err = _run(['calc', *network, '--num=8', f'--ref={ref}', BATCH, '--noprogress'], capsys)
+  assert code == 0, err
+  assert out_network.startswith(f'{ldm / "ldm_bedroom_tiny.ckpt"}: 8 images, FID ')
+  assert _fid_of(out_png) > 0 and _fid_of(out_network) == _fid_of(out_png)
+  (mu_png, sigma_png, *_), (mu_network, sigma_network, *_) = use_random_inception
+  np.testing.assert_allclose(mu_network, mu_png, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(sigma_network, sigma_png, rtol=1e-9, atol=1e-12)

@@ -138,6 +138,22 @@ def test_cli_prompts_and_one_prompt(teacher, student_dir, captions_csv, tmp_path
   assert "NFE 4" in capsys.readouterr().out
 
 
+def test_cli_samples_the_sd_teacher_itself(teacher, captions_csv, tmp_path, capsys):
+  """`--network sd.safetensors --arch ...`: the teacher samples with guidance from its own text
+  encoder (caption i for seed i), as the teacher's path does; the solver flags apply."""
+  assert not teacher.has_ema  # laid out as v1-5-pruned-emaonly: params are the raw weights
+  assert sample.main(["--network", str(LDM / "sd_tiny.safetensors"), "--arch", str(LDM / "sd_tiny.yaml"),
+                      "--prompts", captions_csv, "--guidance", "7.5", "--seeds", "1-3", "--batch", "8",
+                      "--solver=euler", f"--num_steps={NUM_STEPS}", "--afs", "--npz", str(tmp_path / "t.npz"),
+                      "--noprogress"]) == 0
+  assert capsys.readouterr().out.strip().endswith("NFE 4 (guidance 7.5: conditional and unconditional passes)")
+  got = np.load(tmp_path / "t.npz")["arr_0"]
+  want = images.to_uint8(reference(teacher, [1, 2, 3], CAPTIONS[1:4], 7.5))
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # a level where float32 rounding falls
+  model = sampling.load_model(network=str(LDM / "sd_tiny.safetensors"), arch=str(LDM / "sd_tiny.yaml"))
+  assert model.guided and model.nfe == 20 and model.settings.sigma_min == 0.1  # dpmpp, 10 NFE per pass
+
+
 def test_cli_errors_are_one_line(student_dir, captions_csv, capsys):
   pkl = str(FIXTURES / "edm" / "edm_ddpmpp_uncond.pkl")
   cases = [
