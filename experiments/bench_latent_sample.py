@@ -47,6 +47,8 @@ def main():
   parser.add_argument('--arch', default='ldm-lsun-bedroom', help='preset or LDM yaml path')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--iters', type=int, default=2, help='timed rounds (student, then decoder)')
+  parser.add_argument('--warmup', type=int, default=1,
+                      help='untimed runs of both programs before the timed rounds (0: the first round is timed)')
   parser.add_argument('--num_steps', type=int, default=4, help='time points; NFE = num_steps - 2 with AFS')
   parser.add_argument('--json', default='', help='also write the results to this JSON file')
   parser.add_argument('--flops_only', action='store_true', help='compile and count FLOPs, time nothing')
@@ -60,6 +62,7 @@ def main():
   t_steps = jnp.asarray(schedules.get_schedule(args.num_steps, teacher.sigma_min, teacher.sigma_max, 'discrete', 1.0,
                                                vp=teacher.vp), jnp.float32)
   shape = (args.batch, *latent_student.latent_shape(config))
+  nfe = solvers.nfe('euler', args.num_steps, True)
 
   @jax.jit
   def sample(variables, key):
@@ -74,13 +77,21 @@ def main():
   t0 = time.perf_counter()
   decode_c = jax.jit(decode).lower(variables, latents).compile()
   compile_decoder = time.perf_counter() - t0
-  gflop = dict(student=flops(sample_c) / args.batch / 1e9, decoder=flops(decode_c) / args.batch / 1e9)
-  print(f"XLA's FLOP count per image: student (NFE {args.num_steps - 2}) {gflop['student']:.1f} GFLOP, "
+  # XLA's cost analysis counts a loop body once: the solver's steps are one lax.scan, so the
+  # student's FLOPs are one compiled UNet evaluation times the NFE; chunked attention is a
+  # lax.map, so the counted programs are compiled with it unrolled (latent_random.count_every_chunk).
+  sigma = jax.ShapeDtypeStruct((args.batch,), jnp.float32)
+  with latent_random.count_every_chunk():
+    one_eval = jax.jit(lambda v, x, s: denoise(v, x, s, None)).lower(variables, latents, sigma).compile()
+    decode_count = jax.jit(lambda v, z: decode(v, z)).lower(variables, latents).compile()  # a new trace
+  gflop = dict(student=flops(one_eval) * nfe / args.batch / 1e9, decoder=flops(decode_count) / args.batch / 1e9)
+  print(f"XLA's FLOP count per image: student (NFE {nfe}) {gflop['student']:.1f} GFLOP, "
         f"decoder {gflop['decoder']:.1f} GFLOP (decoder {gflop['decoder'] / sum(gflop.values()):.0%})", flush=True)
   if args.flops_only:
     return
-  latents = jax.block_until_ready(sample_c(variables, key))
-  jax.block_until_ready(decode_c(variables, latents))  # warm-up run of both
+  for _ in range(args.warmup):  # untimed runs of both
+    latents = jax.block_until_ready(sample_c(variables, key))
+    jax.block_until_ready(decode_c(variables, latents))
   student_s, decoder_s = [], []
   for i in range(args.iters):
     s, latents = timed(sample_c, variables, jax.random.key(i + 1))
@@ -93,8 +104,8 @@ def main():
   unet = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables['params']))
   result = dict(arch=args.arch, device=f'{jax.devices()[0].device_kind} x{jax.device_count()}',
                 cpu=platform.processor() or platform.machine(), jax=jax.__version__, batch=args.batch,
-                nfe=args.num_steps - 2, latent=list(shape[1:]), image=list(out.shape[1:]), unet_params=unet,
-                gflop_per_image=gflop, compile_student_s=compile_student, compile_decoder_s=compile_decoder,
+                nfe=nfe, latent=list(shape[1:]), image=list(out.shape[1:]), unet_params=unet,
+                warmup=args.warmup, gflop_per_image=gflop, compile_student_s=compile_student, compile_decoder_s=compile_decoder,
                 student_s=student_s,
                 decoder_s=decoder_s, student_median_s=s, decoder_median_s=d, decoder_share=d / (s + d),
                 images_per_s=args.batch / (s + d), peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -5,6 +5,9 @@ Speed does not depend on the weight values: every conv / linear weight is N(0, 1
 config. The state dict goes through `sfd_jax.latent.teacher.build_teacher`, the path a real
 checkpoint takes (drawn with numpy: Flax's init of a 274M-parameter UNet is slow on a CPU).
 """
+import contextlib
+
+import jax
 import numpy as np
 
 from sfd_jax.latent.config import resolve_arch
@@ -49,3 +52,26 @@ def random_teacher(arch='ldm-lsun-bedroom', seed: int = 0):
   """A `LatentTeacher` of architecture `arch` (preset or yaml path) with random weights."""
   config = resolve_arch(arch)
   return build_teacher(config, random_state_dict(config, seed), source=f'<random {arch}>')
+
+
+@contextlib.contextmanager
+def count_every_chunk():
+  """While tracing inside this context, `jax.lax.map` runs unrolled (one traced call per element).
+
+  XLA's cost analysis counts a loop body once, so a program with the query-chunked attention of
+  `sfd_jax.latent.layers.attention` (over 1024 tokens: the first stages' 64x64 mid-block, SD's
+  64x64 UNet levels) reports one chunk's FLOPs for all of them. Compile the program that is
+  counted (not the one that is timed or measured for memory) inside this context: the same
+  arithmetic, every chunk in the count. The solvers loop with `lax.scan`, which this leaves alone.
+  """
+  original = jax.lax.map
+
+  def unrolled(f, xs, **kwargs):
+    del kwargs  # batch_size: the unrolled map has none
+    return jax.tree.map(lambda *ys: jax.numpy.stack(ys), *[f(jax.tree.map(lambda x: x[i], xs))
+                                                          for i in range(jax.tree.leaves(xs)[0].shape[0])])
+  jax.lax.map = unrolled
+  try:
+    yield
+  finally:
+    jax.lax.map = original

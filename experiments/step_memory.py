@@ -13,10 +13,12 @@ teacher program and the student-interval program. Several devices are fake CPU d
 FLOPs: the teacher program's solver is a `lax.scan` whose body XLA counts once, so the teacher's
 FLOPs are given as one compiled teacher forward at the batch x its NFE, (M+1)(num_steps-1); the
 interval program has no loop (one micro-batch) and runs num_steps-1 times (-1 with AFS). The
-peak estimate adds what is resident while the bigger program runs: state + teacher + targets +
+FLOPs of SD's chunked attention (a lax.map) are counted from a second compile with the
+map unrolled. The peak estimate adds what is resident while the bigger program runs: state + teacher + targets +
 latents + max(teacher temp, interval temp + its outputs that do not alias its inputs).
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -106,6 +108,20 @@ def sd_models():
   return models, settings
 
 
+# SD's UNet attends over 4096 tokens at its 64x64 level: `sfd_jax.latent.layers.attention` runs
+# those in query chunks through a lax.map, whose body XLA's cost analysis counts once. FLOPs are
+# then taken from programs compiled with the map unrolled (`latent_random.count_every_chunk`; the
+# memory figures stay those of the real programs). The EDM networks have no chunked attention.
+CHUNKED_ATTENTION = ARGS.model == 'sd-v1'
+
+
+def counted_chunks():
+  if not CHUNKED_ATTENTION:
+    return contextlib.nullcontext()
+  import latent_random  # pylint: disable=g-import-not-at-top
+  return latent_random.count_every_chunk()
+
+
 def condition_shape(models, batch):
   if ARGS.model == 'sd-v1':
     return (batch, 77, models.student_config.unet.context_dim)
@@ -169,8 +185,16 @@ def main():
     print(f'{name}: compiled in {results[name]["compile_s"]:.0f} s', flush=True)
   # One teacher forward at the whole per-device batch: its FLOPs x the teacher's NFE.
   denoise = train.make_denoisers(models, opts.precision).teacher_low or models.teacher_denoise
-  teacher_fwd = jax.jit(lambda v, x, c: denoise(v, x, jnp.full((x.shape[0],), 1.0), c, train=False))
-  fwd = analyse(teacher_fwd.lower(teacher_vars, latents, condition).compile()) if not ARGS.skip_teacher else None
+  with counted_chunks():
+    teacher_fwd = jax.jit(lambda v, x, c: denoise(v, x, jnp.full((x.shape[0],), 1.0), c, train=False))
+    fwd = analyse(teacher_fwd.lower(teacher_vars, latents, condition).compile()) if not ARGS.skip_teacher else None
+  if CHUNKED_ATTENTION:  # the interval's FLOPs from a second compile with every attention chunk counted
+    t0 = time.perf_counter()
+    with counted_chunks():
+      recount = train.make_step(models, optimizer, opts, mesh, state_sharding=sharding).lower(
+          state, teacher_vars, latents, condition, key, np.float32(1e-4), settings)['interval']
+      results['interval']['flops'] = analyse(recount.compile())['flops']
+    print(f'interval FLOPs recounted with every attention chunk in {time.perf_counter() - t0:.0f} s', flush=True)
 
   n_int = settings.num_steps - 1 - int(settings.afs)
   nfe = (settings.M + 1) * (settings.num_steps - 1)
