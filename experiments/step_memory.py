@@ -35,6 +35,8 @@ def parse():
   parser.add_argument('--shard_state', action='store_true')
   parser.add_argument('--num_steps', type=int, default=4)
   parser.add_argument('--skip_teacher', action='store_true', help='only the student-interval program')
+  parser.add_argument('--skip_recount', action='store_true',
+                      help="sd-v1: report the interval's FLOPs as compiled (one attention chunk of four counted)")
   parser.add_argument('--shapes_only', action='store_true', help='only the state and teacher bytes (no compile)')
   return parser.parse_args()
 
@@ -188,7 +190,7 @@ def main():
   with counted_chunks():
     teacher_fwd = jax.jit(lambda v, x, c: denoise(v, x, jnp.full((x.shape[0],), 1.0), c, train=False))
     fwd = analyse(teacher_fwd.lower(teacher_vars, latents, condition).compile()) if not ARGS.skip_teacher else None
-  if CHUNKED_ATTENTION:  # the interval's FLOPs from a second compile with every attention chunk counted
+  if CHUNKED_ATTENTION and not ARGS.skip_recount:  # the interval's FLOPs from a second compile with every attention chunk counted
     t0 = time.perf_counter()
     with counted_chunks():
       recount = train.make_step(models, optimizer, opts, mesh, state_sharding=sharding).lower(
