@@ -326,23 +326,27 @@ def make_step(models: Models, optimizer, opts: sfd.StepOptions, mesh, second_sta
                        data_axis=DATA_AXIS, vp=vp, **kwargs)
 
 
-def make_batch_fn(mesh, shape, source: conditions.ConditionSource, sigma_max: float) -> Callable:
+def make_batch_fn(mesh, shape, source: conditions.ConditionSource, sigma_max: float, shard: bool = False) -> Callable:
   """Returns `draw(key) -> (latents, condition)`: `sigma_max · N(0, I)` latents of `shape` and the
   source's conditions, both batch-sharded, drawn in one jitted program.
 
   Random bits do not depend on the sharding (threefry is partitionable), so the global
-  batch is the same on any number of devices.
+  batch is the same on any number of devices. The source's variables (SD's text encoder and
+  prompt table) are placed as the state is (`state_shardings`): with `shard` (`shard_state`)
+  each device holds a slice and XLA gathers them where the encoder runs; `draw.variables`.
   """
   data = NamedSharding(mesh, P(DATA_AXIS))
   has_condition = jax.eval_shape(lambda k: source.draw(source.variables, k, shape[0]), jax.random.key(0)) is not None
-  variables = jax.device_put(source.variables, NamedSharding(mesh, P()))
+  variables = jax.device_put(source.variables, state_shardings(source.variables, mesh, shard))
 
   @functools.partial(jax.jit, out_shardings=(data, data if has_condition else None))
   def draw_batch(variables, key):
     k_lat, k_cond = jax.random.split(key)
     latents = sigma_max * jax.random.normal(k_lat, shape, jnp.float32)
     return latents, source.draw(variables, k_cond, shape[0])
-  return lambda key: draw_batch(variables, key)
+  draw = lambda key: draw_batch(variables, key)
+  draw.variables = variables
+  return draw
 
 
 def iteration_keys(base_key, iteration: int):
@@ -487,7 +491,7 @@ def train(run: RunConfig, workdir, *, log: Callable[[str], None] = print):
     log(f'Resuming from {checkpoint.checkpoint_dir(workdir)}/{iteration} at kimg {nimg / 1000:.3f}')
 
   family = family_of(models)
-  draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.condition, run.distill.sigma_max)
+  draw = make_batch_fn(mesh, (run.train.batch, *family.shape), family.condition, run.distill.sigma_max, shard)
   state_sharding = jax.tree.map(lambda x: x.sharding, state) if shard else None
   # teacher compiled per num_steps, student interval once
   step = make_step(models, optimizer, opts, mesh, second_stage, state_sharding=state_sharding)

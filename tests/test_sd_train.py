@@ -82,6 +82,17 @@ def test_conditions_are_sharded_with_the_batch_and_device_independent(source):
   assert cond2.sharding.spec == P(train.DATA_AXIS) and len(cond2.sharding.device_set) == 2
   np.testing.assert_array_equal(np.asarray(lat1), np.asarray(lat2))
   np.testing.assert_allclose(np.asarray(cond2), np.asarray(cond1), rtol=0, atol=1e-5)
+  # shard_state: the text encoder and prompt table are sharded as the state (not replicated on
+  # every device), and the draw is the same.
+  sharded = train.make_batch_fn(two, (BATCH, 8, 8, 4), source, 14.6, shard=True)
+  lat3, cond3 = sharded(key)
+  np.testing.assert_array_equal(np.asarray(lat3), np.asarray(lat1))
+  np.testing.assert_allclose(np.asarray(cond3), np.asarray(cond1), rtol=0, atol=1e-5)
+  leaves = jax.tree.leaves(sharded.variables)
+  per_device = lambda x: x.addressable_shards[0].data.nbytes
+  assert sum(map(per_device, leaves)) < 0.6 * sum(x.nbytes for x in leaves)
+  replicated = train.make_batch_fn(two, (BATCH, 8, 8, 4), source, 14.6).variables
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(replicated))
 
 
 def test_grid_shows_the_first_prompts(source, table):
