@@ -17,6 +17,7 @@ from sfd_jax.io import latent_converted
 from sfd_jax.io.ldm_checkpoint import read_checkpoint
 from sfd_jax.latent.config import PRESETS, LatentConfig, resolve_arch
 from sfd_jax.latent.model import make_decode, make_denoise
+from sfd_jax.latent.student import make_tokenize
 from sfd_jax.latent.state_dict import state_dict_to_variables
 from sfd_jax.latent.vp import VPDiscrete
 
@@ -87,11 +88,10 @@ class LatentTeacher:
     Raises:
       VocabularyError: no vocabulary (one line naming the file or how to install it).
     """
-    config = self._text_config()
+    self._text_config()
     vocab = tokenizer if tokenizer is None or isinstance(tokenizer, clip_tokenizer.Vocabulary) else (
         clip_tokenizer.load_vocabulary(tokenizer))
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return clip_tokenizer.sd_tokenize(prompts, vocab, config.positions).astype(np.int32)
+    return make_tokenize(self.config, vocab)([prompts] if isinstance(prompts, str) else prompts)
 
   def encode_tokens(self, params, token_ids):
     """The text encoder on `[B, 77]` ids → `[B, 77, D]` float32 (pure, jit-able)."""
