@@ -94,3 +94,23 @@ def test_arch_errors_name_the_flag_or_file(tmp_path, capsys):
       sample.main(argv + ["--grid", str(tmp_path / "g.png"), "--noprogress"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_teacher_with_lit_ema_samples_with_the_shadows(tmp_path):
+  """A released LDM checkpoint carries LitEma shadows: `--network` samples with them (the official
+  teacher runs inside `ema_scope()`), not with the raw weights a student starts from."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from sfd_jax.io.ldm_checkpoint import read_checkpoint  # pylint: disable=g-import-not-at-top
+  from sfd_jax.latent.state_dict import ema_name, flatten  # pylint: disable=g-import-not-at-top
+  state_dict = {k: np.ascontiguousarray(v) for k, v in read_checkpoint(CKPT).items()}
+  unet = [k for k in state_dict if k.startswith("model.diffusion_model.")]
+  shadows = {ema_name(k): state_dict[k] * np.float32(0.5) for k in unet}
+  meta = {"model_ema.decay": np.asarray(0.9999, np.float32), "model_ema.num_updates": np.asarray(7, np.int32)}
+  path = tmp_path / "ema.safetensors"
+  save_file({**state_dict, **shadows, **meta}, str(path))
+  model = sampling.load_model(network=str(path), arch=str(YAML))
+  sampled = flatten({**model.variables["params"], **model.variables["buffers"]})
+  for name in unet:
+    np.testing.assert_array_equal(sampled[name], state_dict[name] * np.float32(0.5))
+  name = "first_stage_model.post_quant_conv.weight"
+  np.testing.assert_array_equal(sampled[name], state_dict[name])
