@@ -105,9 +105,8 @@ def main():
   result = dict(arch=args.arch, device=f'{jax.devices()[0].device_kind} x{jax.device_count()}',
                 cpu=platform.processor() or platform.machine(), jax=jax.__version__, batch=args.batch,
                 nfe=nfe, latent=list(shape[1:]), image=list(out.shape[1:]), unet_params=unet,
-                warmup=args.warmup, gflop_per_image=gflop, compile_student_s=compile_student, compile_decoder_s=compile_decoder,
-                student_s=student_s,
-                decoder_s=decoder_s, student_median_s=s, decoder_median_s=d, decoder_share=d / (s + d),
+                warmup=args.warmup, gflop_per_image=gflop, compile_student_s=compile_student,
+                compile_decoder_s=compile_decoder, student_s=student_s, decoder_s=decoder_s, student_median_s=s, decoder_median_s=d, decoder_share=d / (s + d),
                 images_per_s=args.batch / (s + d), peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 finite=bool(np.isfinite(np.asarray(out)).all()))
   print(f"{args.arch}: batch {args.batch}, NFE {result['nfe']}, latents {shape[1:]} -> images {out.shape[1:]}; "

@@ -13,9 +13,9 @@ teacher program and the student-interval program. Several devices are fake CPU d
 FLOPs: the teacher program's solver is a `lax.scan` whose body XLA counts once, so the teacher's
 FLOPs are given as one compiled teacher forward at the batch x its NFE, (M+1)(num_steps-1); the
 interval program has no loop (one micro-batch) and runs num_steps-1 times (-1 with AFS). The
-FLOPs of SD's chunked attention (a lax.map) are counted from a second compile with the
-map unrolled. The peak estimate adds what is resident while the bigger program runs: state + teacher + targets +
-latents + max(teacher temp, interval temp + its outputs that do not alias its inputs).
+FLOPs of SD's chunked attention (a lax.map) are counted from a second compile with the map
+unrolled. The peak estimate adds what is resident while the bigger program runs: state + teacher
++ targets + latents + max(teacher temp, interval temp + its outputs that do not alias its inputs).
 """
 import argparse
 import contextlib
@@ -190,7 +190,7 @@ def main():
   with counted_chunks():
     teacher_fwd = jax.jit(lambda v, x, c: denoise(v, x, jnp.full((x.shape[0],), 1.0), c, train=False))
     fwd = analyse(teacher_fwd.lower(teacher_vars, latents, condition).compile()) if not ARGS.skip_teacher else None
-  if CHUNKED_ATTENTION and not ARGS.skip_recount:  # the interval's FLOPs from a second compile with every attention chunk counted
+  if CHUNKED_ATTENTION and not ARGS.skip_recount:  # interval FLOPs: a second compile, every attention chunk counted
     t0 = time.perf_counter()
     with counted_chunks():
       recount = train.make_step(models, optimizer, opts, mesh, state_sharding=sharding).lower(

@@ -219,8 +219,7 @@ def teacher_settings(network_config=None, latent=False, **overrides) -> Sampling
     latent: start from `LATENT_TEACHER_DEFAULTS` (an LDM / SD teacher) instead of EDM's.
     **overrides: fields of `SamplingSettings`.
   """
-  defaults = LATENT_TEACHER_DEFAULTS if latent else TEACHER_DEFAULTS
-  settings = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+  settings = _overridden(LATENT_TEACHER_DEFAULTS if latent else TEACHER_DEFAULTS, overrides)
   if network_config is not None:
     settings = dataclasses.replace(settings, sigma_min=max(settings.sigma_min, network_config.sigma_min),
                                    sigma_max=min(settings.sigma_max, network_config.sigma_max))
@@ -231,8 +230,13 @@ def latent_teacher_settings(teacher, **overrides) -> SamplingSettings:
   """`LATENT_TEACHER_DEFAULTS` with the teacher's sigma range, then the (non-None) overrides;
   sigma_max clamped to sigma(1), the end of the teacher's VP table."""
   defaults = dataclasses.replace(LATENT_TEACHER_DEFAULTS, sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)
-  settings = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+  settings = _overridden(defaults, overrides)
   return dataclasses.replace(settings, sigma_max=min(settings.sigma_max, teacher.sigma_max))
+
+
+def _overridden(defaults: SamplingSettings, overrides: dict) -> SamplingSettings:
+  """`defaults` with the overrides that were given (None: not given, the default stays)."""
+  return dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def student_settings(stored: SamplingSettings, num_steps=None, **fixed) -> SamplingSettings:
