@@ -81,3 +81,31 @@ def use_memory_scheduler() -> None:
   flags = os.environ.get('XLA_FLAGS', '')
   if CONCURRENCY_SCHEDULER_FLAG not in _names(flags):
     os.environ['XLA_FLAGS'] = f'{flags} {CONCURRENCY_SCHEDULER_FLAG}=false'.strip()
+
+
+# XLA:CPU's pass that drops `optimization_barrier`s; it runs before common-subexpression
+# elimination, which then merges a rematerialised block's recomputation back into the forward pass.
+BARRIER_EXPANDER_PASS = 'cse_barrier_expander'
+DISABLE_PASSES_FLAG = '--xla_disable_hlo_passes'
+
+
+def keep_barriers_options(platform: str) -> Optional[dict]:
+  """`compiler_options` for a program whose rematerialisation must survive XLA:CPU, or None.
+
+  JAX separates a recomputation from the forward pass by `optimization_barrier`s; XLA:CPU (jax
+  0.10.2) removes them early and its CSE then merges the two, so per-block remat saved nothing
+  (`experiments/ab_remat_cpu.py`: 448 MiB with remat, 112 MiB with the barriers kept, 392 without
+  remat). The barriers are a no-op at run time. GPU and TPU compilers keep them to the end
+  already: None there. Passes disabled in XLA_FLAGS stay disabled.
+
+  Args:
+    platform: the devices' platform ('cpu', 'gpu', 'tpu').
+
+  Returns:
+    A dict for `jax.jit(..., compiler_options=...)`, or None.
+  """
+  if platform != 'cpu':
+    return None
+  given = [f.split('=', 1)[1] for f in os.environ.get('XLA_FLAGS', '').split()
+           if f.startswith(f'{DISABLE_PASSES_FLAG}=')]
+  return {DISABLE_PASSES_FLAG.lstrip('-'): ','.join([*given, BARRIER_EXPANDER_PASS])}

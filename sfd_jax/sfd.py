@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sfd_jax import cpu_devices
 from sfd_jax import schedules
 from sfd_jax import solvers
 from sfd_jax.config_types import DistillSettings, OptimSettings
@@ -491,8 +492,15 @@ def make_step(denoisers: Denoisers, optimizer: optax.GradientTransformation, opt
   placed = mesh is not None and not debug  # debug outputs: let XLA place them
   out_shardings = (state_out, data, dict.fromkeys(METRIC_KEYS, replicated))
 
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  # Per-block remat and the low-precision network's recomputed blocks keep their barriers through
+  # XLA:CPU's optimiser (cpu_devices.keep_barriers_options); the plain float32 program is untouched.
+  keep_barriers = cpu_devices.keep_barriers_options(platform)
+
   def jit_interval(guard: bool):
+    recomputes = opts.remat == 'block' or (guard and low)
     return jax.jit(functools.partial(interval_fn, guard=guard), static_argnames=('afs', 'last'), donate_argnums=0,
+                   compiler_options=keep_barriers if recomputes else None,
                    **(dict(out_shardings=out_shardings + ((replicated,) if guard else ())) if placed else {}))
 
   interval_f32 = jit_interval(False)

@@ -89,3 +89,38 @@ def test_memory_scheduler_flag_is_added_once_unless_given(monkeypatch, flags, ex
   got = [f.split('=', 1) for f in os.environ['XLA_FLAGS'].split()]
   assert [v for k, v in got if k == cpu_devices.CONCURRENCY_SCHEDULER_FLAG] == [expected]
   assert len(got) == len(flags.split()) + (cpu_devices.CONCURRENCY_SCHEDULER_FLAG not in flags)  # others kept
+
+
+@pytest.mark.parametrize('flags,expected', [
+    ('', 'cse_barrier_expander'),
+    ('--xla_disable_hlo_passes=fusion --xla_cpu_foo=1', 'fusion,cse_barrier_expander'),  # the user's kept
+])
+def test_keep_barriers_options_on_cpu_only(monkeypatch, flags, expected):
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  assert cpu_devices.keep_barriers_options('cpu') == {'xla_disable_hlo_passes': expected}
+  assert cpu_devices.keep_barriers_options('gpu') is None
+  assert cpu_devices.keep_barriers_options('tpu') is None
+
+
+def test_kept_barriers_keep_a_rematerialised_gradient_small_and_equal():
+  """The toy of experiments/ab_remat_cpu.py: eight checkpointed blocks of six `tanh(x @ w)`. With
+  the barriers kept the gradient program holds the blocks' inputs only (112 MiB on jax 0.10.2,
+  448 MiB without, 392 MiB without remat) and gives the same gradient, bit for bit."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(ws, x, remat):
+    block = lambda w, x: jnp.tanh(jnp.tanh(jnp.tanh(jnp.tanh(jnp.tanh(jnp.tanh(x @ w) @ w) @ w) @ w) @ w) @ w)
+    for w in ws:
+      x = (jax.checkpoint(block) if remat else block)(w, x)
+    return jnp.sum(x)
+
+  ws = [jax.random.normal(jax.random.key(i), (512, 512)) * 0.05 for i in range(8)]
+  x = jax.random.normal(jax.random.key(9), (4096, 512))
+  plain = jax.jit(jax.grad(lambda ws, x: loss(ws, x, False))).lower(ws, x).compile()
+  remat = jax.jit(jax.grad(lambda ws, x: loss(ws, x, True)),
+                  compiler_options=cpu_devices.keep_barriers_options('cpu')).lower(ws, x).compile()
+  temp = lambda c: c.memory_analysis().temp_size_in_bytes
+  assert temp(remat) <= 0.5 * temp(plain), (temp(remat), temp(plain))
+  for a, b in zip(plain(ws, x), remat(ws, x)):
+    assert jax.numpy.array_equal(a, b)

@@ -264,16 +264,16 @@ def test_remat_gives_the_same_iteration(models, reference, remat):
     assert rel <= ACCUM_GRAD_RTOL, rel
 
 
-def lowered_interval(models, opts):
-  """The StableHLO text of the interval program that runs first (lowered only, not compiled)."""
+def lowered_interval(models, opts, batch=BATCH):
+  """The interval program that runs first (lowered, not compiled)."""
   optimizer = sfd.make_optimizer(LIPSCHITZ_OPTIM)
   params, buffers = sfd.split_variables(models.student_variables)
   state = sfd.TrainState(params, optimizer.init(params), buffers)
-  latents = jnp.zeros((BATCH, 16, 16, 3), jnp.float32)
+  latents = jnp.zeros((batch, 16, 16, 3), jnp.float32)
   step = sfd.make_step(train.make_denoisers(models, opts.precision, opts.remat), optimizer, opts)
   lowered = step.lower(state, models.teacher_variables, latents, None, jax.random.key(0), LIPSCHITZ_OPTIM.lr,
                        dataclasses.replace(SETTINGS, afs=False))
-  return lowered['interval'].as_text()
+  return lowered['interval']
 
 
 def convolutions(text):
@@ -286,8 +286,8 @@ def test_bfloat16_interval_program_holds_no_float32_network(models):
   """The float32 redo is a program of its own: the bf16 interval program holds one network's
   convolutions (forward in bf16; their transposes take float32 cotangents), as many as the float32
   program, where it once held the float32 network too as the other branch of a `lax.cond`."""
-  low = convolutions(lowered_interval(models, sfd.StepOptions(precision='bfloat16')))
-  full = convolutions(lowered_interval(models, sfd.StepOptions()))
+  low = convolutions(lowered_interval(models, sfd.StepOptions(precision='bfloat16')).as_text())
+  full = convolutions(lowered_interval(models, sfd.StepOptions()).as_text())
   assert len(low) == len(full), (len(low), len(full))
   assert all('bf16' not in types for types in full)
   forward = [types for types in low if types.count('bf16') == 2]
@@ -297,9 +297,58 @@ def test_bfloat16_interval_program_holds_no_float32_network(models):
 def test_block_remat_recomputes_the_blocks_in_the_backward_pass(models):
   """Per-block remat adds each block's forward convolutions again to the gradient program (and
   `train.remat_policy='block'` is what `train.remat=True` selects by default)."""
-  plain = convolutions(lowered_interval(models, sfd.StepOptions()))
-  block = convolutions(lowered_interval(models, sfd.StepOptions(remat='block')))
+  plain = convolutions(lowered_interval(models, sfd.StepOptions()).as_text())
+  block = convolutions(lowered_interval(models, sfd.StepOptions(remat='block')).as_text())
   assert len(block) > len(plain), (len(block), len(plain))
   assert train.step_options(TrainSettings(batch=8, remat=True), 1).remat == 'block'
   assert train.step_options(TrainSettings(batch=8, remat=True, remat_policy='full'), 1).remat == 'full'
   assert train.step_options(TrainSettings(batch=8), 1).remat == ''
+
+
+def interval_temp(models, **options):
+  """XLA's own accounting of the compiled interval program: its temp bytes."""
+  return lowered_interval(models, sfd.StepOptions(**options)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_block_remat_shrinks_the_interval_program(models):
+  """Per-block remat keeps the blocks' inputs only: the issue's goal is 0.5x the float32 temp
+  (measured 0.32x on this network at batch 8; it was 1.04x while XLA:CPU merged the
+  recomputation back into the forward pass and ran it early)."""
+  plain, block = interval_temp(models), interval_temp(models, remat='block')
+  assert block <= 0.5 * plain, (block, plain)
+
+
+def test_bfloat16_shrinks_the_interval_program(models):
+  """bf16 keeps only the blocks' inputs and their products' bf16 results: the issue's goal is
+  0.6x the float32 temp (measured 0.55x on this network at batch 8; it was about 1x with the
+  float32 activations of plain mixed precision)."""
+  plain, low = interval_temp(models), interval_temp(models, precision='bfloat16')
+  assert low <= 0.6 * plain, (low, plain)
+
+
+@pytest.mark.parametrize('dtype', [None, 'bfloat16'])
+def test_rematerialised_blocks_redraw_the_same_dropout(models, dtype):
+  """With dropout on (0.3), the recomputed blocks (remat, and a bf16 network's recomputed float32
+  parts) draw the masks of the forward pass. float32: remat gives the plain network's value and
+  gradient. bf16: the value is the float32 one to bf16 rounding (another mask would move it by
+  far more; measured gap 1.3e-4), and remat's gradient is the bf16 network's own."""
+  config = train.student_config_for(models.teacher_config, dropout=0.3)
+  x = 10.0 * jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+
+  def loss_and_grad(denoise):
+    f = lambda params: jnp.sum(jnp.square(denoise(dict(models.student_variables, params=params), x, 1.5,
+                                                  train=True, dropout_rng=jax.random.key(7))))
+    return jax.value_and_grad(f)(models.student_variables['params'])
+
+  reference, g_reference = loss_and_grad(networks.make_denoise(config, dtype))
+  value, grads = loss_and_grad(networks.make_denoise(config, dtype, remat=True))
+  rel = max_rel_grad_diff(grads, g_reference)
+  print(f'dtype={dtype}: remat vs not, relative gradient difference {rel:.1e}')
+  assert rel <= ACCUM_GRAD_RTOL, rel
+  if dtype is None:
+    np.testing.assert_array_equal(value, reference)
+  else:
+    plain, _ = loss_and_grad(networks.make_denoise(config))
+    print(f'bf16 vs float32 value gap {abs(reference / plain - 1):.1e}')
+    np.testing.assert_allclose(reference, plain, rtol=BF16_LOSS_RTOL)
+    np.testing.assert_allclose(value, reference, rtol=1e-6)

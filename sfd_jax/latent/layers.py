@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from sfd_jax.networks import layers as edm_layers
-from sfd_jax.networks.layers import GroupNorm, ModuleDict, module_kwargs  # noqa: F401 (re-exported)
+from sfd_jax.networks.layers import GroupNorm, ModuleDict, module_kwargs, student_block  # noqa: F401 (re-exported)
 
 kw = module_kwargs
 
@@ -67,6 +67,7 @@ class Conv(nn.Module):
       y = lax.conv_general_dilated(xc, jnp.transpose(w, (2, 3, 1, 0)), (self.stride,) * 2,
                                    [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                    preferred_element_type=preferred)
+    y = edm_layers.low_result(y, self.dtype)
     return y + b.astype(y.dtype)
 
 
@@ -150,8 +151,9 @@ def _dense_attention(q, k, v, scale_q, scale_k, dtype):
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   low = lambda t: t.astype(dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", low(q * scale_q), low(k * scale_k), preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", low(weights), low(v), preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1)  # float32 logits: a bf16 ulp of a large logit moves the weights
+  return edm_layers.low_result(jnp.einsum("bhqk,bkhd->bqhd", low(weights), low(v), preferred_element_type=jnp.float32),
+                               dtype)
 
 
 def attention(q, k, v, scale_q, scale_k, dtype: Optional[str] = None, chunk: int = ATTENTION_CHUNK):

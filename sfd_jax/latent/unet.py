@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from sfd_jax.latent.config import UNetConfig
 from sfd_jax.latent.layers import (Conv, LayerNorm, Linear, ModuleDict, attention, avg_pool2, group_norm, kw,
-                                   make_group_norm, silu,
+                                   make_group_norm, silu, student_block,
                                    timestep_embedding, upsample_nearest)
 
 _EPS_UNET = 1e-5         # GroupNorm32 in the UNet
@@ -255,8 +255,9 @@ class _Plan:
     self.cfg = cfg
     self.emb = 4 * cfg.model_channels
     self.dtype = dtype
-    # Each input / middle / output block recomputed in the backward pass (only its input kept).
-    self.block_class = nn.remat(TimestepEmbedSequential) if remat else TimestepEmbedSequential
+    # remat: each input / middle / output block recomputed in the backward pass (only its input
+    # kept); bf16: a block keeps only its input and its products' bf16 results.
+    self.block_class = student_block(TimestepEmbedSequential, remat, dtype)
 
   def resblock(self, cin, cout, **updown):
     return (ResBlock, kw(channels=cin, emb_channels=self.emb, out_channels=cout,

@@ -112,9 +112,12 @@ def make_denoise(config: NetworkConfig, dtype=None, remat: bool = False) -> Call
   Args:
     config: the network.
     dtype: None (float32, EDM parity) or 'bfloat16': the U-Net's convolutions and attention
-      products run with bfloat16 operands and float32 results; the embedding MLP (as in EDM's
-      fp16 mode), preconditioning, GroupNorm and the output stay float32; parameters are float32.
-    remat: recompute each U-Net block in the backward pass (`layers.remat_block`): a gradient
+      products run with bfloat16 operands, their float32 results are rounded to bfloat16 and
+      continue in float32; the embedding MLP (as in EDM's fp16 mode), preconditioning, GroupNorm
+      and the output stay float32; parameters are float32. A gradient keeps only each block's
+      input and its products' bfloat16 results and recomputes the float32 rest
+      (`layers.low_precision_blocks`).
+    remat: recompute each U-Net block in the backward pass (`layers.sequential_remat`): a gradient
       then keeps only the blocks' inputs, not their inner activations.
 
   Returns:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax.networks.layers import (Conv2d, GroupNorm, Linear, ModuleDict, PositionalEmbedding, UNetBlock,
-                                     remat_block, silu)
+                                     student_block, silu)
 from sfd_jax.networks.layers import module_kwargs as _kw
 
 
@@ -33,7 +33,7 @@ class DhariwalUNet(nn.Module):
   label_dropout: float = 0.0                 # Class-label dropout (classifier-free guidance).
   use_step_condition: bool = False           # SFD-v: step-condition layers.
   dtype: Optional[str] = None                # Compute dtype of convolutions/attention (None: float32).
-  remat: bool = False                        # Recompute each UNetBlock in the backward pass (`remat_block`).
+  remat: bool = False                        # Recompute each UNetBlock in the backward pass (`layers.student_block`).
 
   @property
   def _init(self):
@@ -50,7 +50,7 @@ class DhariwalUNet(nn.Module):
                  use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
-      return (remat_block(UNetBlock) if self.remat else UNetBlock), _kw(**block, **kw)
+      return student_block(UNetBlock, self.remat, self.dtype, static_argnums=(4,)), _kw(**block, **kw)
 
     enc = []
     cout = self.in_channels

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax.networks.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, ModuleDict,
-                                     PositionalEmbedding, UNetBlock, remat_block, silu)
+                                     PositionalEmbedding, UNetBlock, student_block, silu)
 from sfd_jax.networks.layers import module_kwargs as _kw
 
 _EMBEDDING_TYPES = ("fourier", "positional")
@@ -49,7 +49,7 @@ class SongUNet(nn.Module):
   resample_filter: Sequence[int] = (1, 1)   # [1,1] DDPM++, [1,3,3,1] NCSN++.
   use_step_condition: bool = False          # SFD-v: step-condition layers.
   dtype: Optional[str] = None               # Compute dtype of convolutions/attention (None: float32).
-  remat: bool = False                       # Recompute each UNetBlock in the backward pass (`remat_block`).
+  remat: bool = False                       # Recompute each UNetBlock in the backward pass (`layers.student_block`).
 
   def _check(self):
     for field, value, allowed in (("embedding_type", self.embedding_type, _EMBEDDING_TYPES),
@@ -72,7 +72,7 @@ class SongUNet(nn.Module):
                  use_step_condition=self.use_step_condition, dtype=self.dtype)
 
     def unet_block(**kw):
-      return (remat_block(UNetBlock) if self.remat else UNetBlock), _kw(**block, **kw)
+      return student_block(UNetBlock, self.remat, self.dtype, static_argnums=(4,)), _kw(**block, **kw)
 
     enc = []
     cout = caux = self.in_channels
